@@ -1,0 +1,92 @@
+"""Per-call routing state and the trace every call reports.
+
+Metis-HOME routes a whole query, not each token: the decision is taken once, during the prefill
+pass, from the first MoE layer's gate pooled over the prompt, and then held by every layer for
+the whole answer. The state lives in a `Routing` object created per call and passed through the
+forward pass, so concurrent users never share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+
+Mode = Literal["auto", "think", "direct", "token"]
+MODES: tuple[str, ...] = ("auto", "think", "direct", "token")
+
+
+@dataclass(frozen=True)
+class RoutingTrace:
+    """What the router saw and chose for one query; plain floats, safe to serialise."""
+
+    p_think: float
+    decision: str  # "think", "direct" or "token" (per-token routing has no single decision)
+    per_layer: list[float]
+    mode: str
+    threshold: float
+    token_think_share: float | None = None  # `token` mode: share of routed tokens sent to thinking
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Routing:
+    """Routing of one forward pass (prefill) and the decode steps that follow it.
+
+    mode: `auto` uses the router against `threshold`; `think`/`direct` force an expert; `token` is
+    Qwen2-MoE's per-token top-k. `labels` (one expert index per sample) forces experts per sample,
+    which is how training sends each sample through the expert of its label. `prompt_mask` marks the
+    prompt tokens the router pools over; by default every non-padding token of the prefill.
+    """
+
+    mode: Mode = "auto"
+    threshold: float = 0.5
+    thinking_expert: int = 0
+    labels: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None
+    # filled during prefill
+    expert: torch.Tensor | None = None  # [batch] chosen expert per sample
+    layer_logits: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, [batch, experts]
+    token_think_counts: list[float] = field(default_factory=list)
+    expert_ids: list[int] = field(default_factory=list)  # same, as host ints for the hot path
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown routing mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"routing threshold must be within [0, 1], got {self.threshold}")
+
+    @property
+    def query_logits(self) -> torch.Tensor:
+        """Pooled router logits of the deciding (first MoE) layer: what the router loss trains."""
+        return self.layer_logits[0]
+
+    def decide(self, pooled_logits: torch.Tensor) -> torch.Tensor:
+        """Pick one expert per sample from the first MoE layer's pooled logits."""
+        batch = pooled_logits.shape[0]
+        think = self.thinking_expert
+        if self.labels is not None:
+            return self.labels.to(pooled_logits.device, torch.long)
+        if self.mode == "think":
+            return torch.full((batch,), think, dtype=torch.long, device=pooled_logits.device)
+        if self.mode == "direct":
+            return torch.full((batch,), 1 - think, dtype=torch.long, device=pooled_logits.device)
+        p_think = pooled_logits.float().softmax(-1)[:, think]
+        return torch.where(p_think >= self.threshold, think, 1 - think).long()
+
+    def p_think(self, sample: int = 0) -> list[float]:
+        """Thinking probability of each MoE layer for one sample."""
+        return [float(l[sample].detach().float().softmax(-1)[self.thinking_expert]) for l in self.layer_logits]
+
+    def trace(self, sample: int = 0) -> RoutingTrace:
+        if not self.layer_logits:
+            raise RuntimeError("no routing happened: the model has no MoE layer or was not called")
+        per_layer = self.p_think(sample)
+        if self.mode == "token":
+            share = sum(self.token_think_counts) / max(len(self.token_think_counts), 1)
+            return RoutingTrace(per_layer[0], "token", per_layer, self.mode, self.threshold, share)
+        decision = "think" if int(self.expert[sample]) == self.thinking_expert else "direct"
+        return RoutingTrace(per_layer[0], decision, per_layer, self.mode, self.threshold)

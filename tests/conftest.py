@@ -1,0 +1,56 @@
+"""Small random-init models built in the tests: no download, seconds to build."""
+
+import pytest
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from metis.configuration import MetisHomeConfig
+
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 90, 91, 92, 93
+
+TEXT = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]},
+    eos_token_id=2,
+    bos_token_id=0,
+    pad_token_id=0,
+)
+VISION = dict(
+    depth=2,
+    hidden_size=16,
+    intermediate_size=24,
+    num_heads=2,
+    out_hidden_size=32,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=56,
+    fullatt_block_indexes=[1],
+)
+TOKENS = dict(
+    image_token_id=IMAGE_TOKEN,
+    video_token_id=VIDEO_TOKEN,
+    vision_start_token_id=VISION_START,
+    vision_end_token_id=VISION_END,
+)
+
+
+def dense_config() -> Qwen2_5_VLConfig:
+    return Qwen2_5_VLConfig(text_config=dict(TEXT), vision_config=dict(VISION), **TOKENS)
+
+
+def moe_config(**text_overrides) -> MetisHomeConfig:
+    text = dict(TEXT, num_experts=2, moe_intermediate_size=40, **text_overrides)
+    return MetisHomeConfig(text_config=text, vision_config=dict(VISION), **TOKENS)
+
+
+@pytest.fixture
+def dense_model():
+    torch.manual_seed(0)
+    return Qwen2_5_VLForConditionalGeneration(dense_config()).eval()
