@@ -218,9 +218,11 @@ class MetisHomeForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(self, *args, routing: Routing | None = None, **kwargs):
-        # Named here so `generate(routing=...)` accepts it and hands it to every step.
-        return super().forward(*args, routing=routing, **kwargs)
+    def prepare_inputs_for_generation(self, *args, routing: Routing | None = None, **kwargs):
+        # Named here so `generate(routing=...)` accepts it and hands it to every step's forward.
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        inputs["routing"] = routing
+        return inputs
 
     def new_routing(self, mode: str = "auto", threshold: float | None = None, **kwargs) -> Routing:
         """A fresh per-call routing state wired to this model's expert roles."""
@@ -237,14 +239,13 @@ class MetisHomeForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 
 # Checkpoints saved by transformers 4.x (the published one) keep the text model at `model.` and the
 # vision tower at `visual.`; map them onto the 5.x layout, as transformers does for Qwen2.5-VL.
+LEGACY_RENAMES = [
+    (r"^visual", "model.visual"),
+    (r"^model(?!\.(language_model|visual))", "model.language_model"),
+]
 register_checkpoint_conversion_mapping(
     MetisHomeForConditionalGeneration.__name__,
-    [
-        WeightRenaming(source_patterns=r"^visual", target_patterns="model.visual"),
-        WeightRenaming(
-            source_patterns=r"^model(?!\.(language_model|visual))", target_patterns="model.language_model"
-        ),
-    ],
+    [WeightRenaming(source_patterns=src, target_patterns=dst) for src, dst in LEGACY_RENAMES],
 )
 AutoModel.register(MetisHomeConfig, MetisHomeModel)
 AutoModelForImageTextToText.register(MetisHomeConfig, MetisHomeForConditionalGeneration)

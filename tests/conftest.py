@@ -54,3 +54,33 @@ def moe_config(**text_overrides) -> MetisHomeConfig:
 def dense_model():
     torch.manual_seed(0)
     return Qwen2_5_VLForConditionalGeneration(dense_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random-init Metis-HOME saved with the tiny world's tokenizer and image processor."""
+    from metis.modeling import MetisHomeForConditionalGeneration
+    from metis.tiny.tokenizer import build_image_processor, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(TEXT, vocab_size=len(tokenizer), num_experts=2, moe_intermediate_size=40,
+                eos_token_id=ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
+    config = MetisHomeConfig(
+        text_config=text, vision_config=dict(VISION), image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"), system_prompt="Answer.",
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-moe")
+    MetisHomeForConditionalGeneration(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    build_image_processor().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_checkpoint):
+    from metis.generation import Engine
+
+    return Engine.load(str(tiny_checkpoint))

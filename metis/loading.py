@@ -1,0 +1,209 @@
+"""Find, check and load a Metis-HOME checkpoint: the embedded tiny model, a folder or a Hub id.
+
+The published checkpoint's tensor names and expert widths are not documented, so nothing is
+assumed: the widths are read from the tensor shapes, every name and shape is compared with the
+model the config describes, and a mismatch fails listing what differs instead of leaving any
+weight randomly initialised.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from transformers import AutoTokenizer
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from .configuration import MetisHomeConfig
+from .modeling import LEGACY_RENAMES, MetisHomeForConditionalGeneration
+from .prompting import PromptConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED = ROOT / "assets" / "metis-home-tiny"
+EMBEDDED_NAMES = ("", "tiny", "embedded", "default")
+HUB_MODEL = "mmthinking/Metis-HOME"
+PREPROCESSING_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "preprocessor_config.json", "chat_template.json", "chat_template.jinja", "added_tokens.json",
+)
+# Metis-RISE's image bounds; the embedded model keeps the bounds it was trained with.
+REAL_MODEL_PROMPTS = PromptConfig(min_pixels=128 * 28 * 28, max_pixels=16384 * 28 * 28)
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint does not hold the tensors the config describes."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    checkpoint: str
+    device: str
+    dtype: str
+    attn_implementation: str
+    num_experts: int
+    thinking_expert: int
+    params_total: int
+    params_shared: int
+    params_per_expert: int
+    memory_bytes: int
+    routing: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_checkpoint(spec: str | None) -> Path:
+    if spec is None or spec in EMBEDDED_NAMES:
+        if not (EMBEDDED / "config.json").exists():
+            raise FileNotFoundError(f"the embedded model is missing: {EMBEDDED} (train it: python -m metis.tiny.train)")
+        return EMBEDDED
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
+    raise FileNotFoundError(f"no checkpoint folder or Hub id {spec!r}")
+
+
+def checkpoint_shapes(path: Path, allow_pickle: bool = False) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the safetensors headers (no weight is read)."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))
+        if pickled and not allow_pickle:
+            raise CheckpointMismatch(
+                f"{path} holds only pickled weights ({pickled[0].name}); they can run code when loaded. "
+                "Convert them to safetensors, or pass --allow-pickle if you trust the source."
+            )
+        if not pickled:
+            raise CheckpointMismatch(f"{path} holds no weights (*.safetensors)")
+        return {}
+    shapes = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def to_model_name(key: str) -> str:
+    for pattern, replacement in LEGACY_RENAMES:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def reconcile_config(config: MetisHomeConfig, shapes: dict[str, tuple[int, ...]]) -> MetisHomeConfig:
+    """Expert count and widths as the checkpoint has them (the published config's are defaults)."""
+    text = config.text_config
+    experts = {
+        int(m.group(1)): shape[0]
+        for key, shape in shapes.items()
+        if (m := re.search(r"\.layers\.\d+\.mlp\.experts\.(\d+)\.gate_proj\.weight$", key))
+    }
+    if experts:
+        text.num_experts = max(experts) + 1
+        text.moe_intermediate_size = experts[0]
+    shared = [s[0] for k, s in shapes.items() if k.endswith("mlp.shared_expert.gate_proj.weight")]
+    text.shared_expert_intermediate_size = shared[0] if shared else 0
+    return config
+
+
+def check_checkpoint(config: MetisHomeConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    with init_empty_weights():
+        skeleton = MetisHomeForConditionalGeneration(config)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    found = {to_model_name(k): v for k, v in shapes.items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected) - {"lm_head.weight"})
+    wrong = sorted(f"{k}: checkpoint {found[k]} vs model {expected[k]}" for k in set(expected) & set(found)
+                   if found[k] != expected[k])
+    if missing or unexpected or wrong:
+        def listing(title, items):
+            more = f" … and {len(items) - 20} more" if len(items) > 20 else ""
+            return f"\n  {title} ({len(items)}): " + ", ".join(items[:20]) + more if items else ""
+
+        raise CheckpointMismatch(
+            "checkpoint does not match the Metis-HOME layout:"
+            + listing("missing", missing) + listing("unexpected", unexpected) + listing("wrong shape", wrong)
+        )
+
+
+def pick_runtime(device: str | None, dtype: str | None, attn: str | None) -> tuple[str, torch.dtype, str]:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.startswith("cuda")
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    if attn is None:
+        attn = "flash_attention_2" if on_gpu and _flash_attn_imports() else "sdpa"
+    return device, torch_dtype, attn
+
+
+def _flash_attn_imports() -> bool:
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def load(spec: str | None = None, device: str | None = None, dtype: str | None = None,
+         attn_implementation: str | None = None, allow_pickle: bool = False):
+    """-> (model, tokenizer, image_processor, prompt_config, info), the arguments of `Engine`."""
+    path = resolve_checkpoint(spec)
+    config = MetisHomeConfig.from_pretrained(path)
+    shapes = checkpoint_shapes(path, allow_pickle)
+    if shapes:
+        config = reconcile_config(config, shapes)
+        check_checkpoint(config, shapes)
+    device, torch_dtype, attn = pick_runtime(device, dtype, attn_implementation)
+    placement = {"device_map": "auto"} if device == "cuda" else {}
+    model = MetisHomeForConditionalGeneration.from_pretrained(
+        path, config=config, dtype=torch_dtype, attn_implementation=attn,
+        use_safetensors=bool(shapes), **placement,
+    )
+    if not placement:
+        model.to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    embedded = path == EMBEDDED
+    prompts = PromptConfig() if embedded else REAL_MODEL_PROMPTS
+    return model, tokenizer, image_processor, prompts, describe(model, str(spec or "embedded tiny"), attn)
+
+
+def describe(model: MetisHomeForConditionalGeneration, checkpoint: str, attn: str) -> ModelInfo:
+    total = sum(p.numel() for p in model.parameters())
+    per_expert = [0] * model.config.text_config.num_experts
+    for name, p in model.named_parameters():
+        if m := re.search(r"\.mlp\.experts\.(\d+)\.", name):
+            per_expert[int(m.group(1))] += p.numel()
+    return ModelInfo(
+        checkpoint=checkpoint,
+        device=str(model.device),
+        dtype=str(model.dtype).removeprefix("torch."),
+        attn_implementation=attn,
+        num_experts=len(per_expert),
+        thinking_expert=model.config.thinking_expert,
+        params_total=total,
+        params_shared=total - sum(per_expert),
+        params_per_expert=per_expert[0] if per_expert else 0,
+        memory_bytes=model.get_memory_footprint(),
+        routing="once per query: first MoE layer's gate, mean over the prompt, held while decoding",
+    )
+
+
+def copy_preprocessing_files(source: Path, out: str | Path) -> None:
+    for name in PREPROCESSING_FILES:
+        if (Path(source) / name).exists():
+            shutil.copy(Path(source) / name, Path(out) / name)

@@ -1,0 +1,116 @@
+"""Chat messages -> model inputs in the Qwen2.5-VL chat format.
+
+The token ids are assembled piece by piece instead of rendering a template string and
+re-tokenising it: control tokens come from their ids, and everything a person typed is encoded
+with `split_special_tokens=True`, so typing `<|im_start|>` or `<|image_pad|>` yields ordinary text
+and can never end a turn or open an image slot.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
+
+# Metis-RISE's published system prompt asks for this output format.
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Think about the question step by step inside <think> </think> "
+    "tags when it needs reasoning, then give the final answer inside <answer> </answer> tags; "
+    "put a mathematical final answer in \\boxed{}."
+)
+
+_REASONING = re.compile(r"<think>.*?(</think>|$)", re.S)
+_ANSWER_TAGS = re.compile(r"</?answer>")
+
+
+@dataclass
+class Message:
+    role: str  # "user" or "assistant"
+    text: str = ""
+    images: list[Image.Image] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    min_pixels: int | None = None  # None: the image processor's own bounds
+    max_pixels: int | None = None
+    max_images: int = 8
+    max_text_chars: int = 8000
+
+
+class PromptError(ValueError):
+    """A request that cannot become a prompt; the message is meant for the person who sent it."""
+
+
+def strip_reasoning(text: str) -> str:
+    """Past answers go back into the history without their reasoning, as the model was trained."""
+    return _ANSWER_TAGS.sub("", _REASONING.sub("", text)).strip()
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer, image_processor, config: PromptConfig | None = None, system_prompt=None):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.config = config or PromptConfig()
+        self.system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+        ids = tokenizer.convert_tokens_to_ids
+        self.im_start, self.im_end = ids(IM_START), ids(IM_END)
+        self.vision_start, self.vision_end, self.image_pad = ids(VISION_START), ids(VISION_END), ids(IMAGE_PAD)
+        self.merge = image_processor.merge_size
+
+    def _text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def _turn(self, role: str, body: list[int]) -> list[int]:
+        return [self.im_start, *self._text(f"{role}\n"), *body, self.im_end, *self._text("\n")]
+
+    def validate(self, messages: list[Message]) -> None:
+        if not messages or messages[-1].role != "user":
+            raise PromptError("The conversation must end with a user message.")
+        last = messages[-1]
+        if not last.text.strip() and not last.images:
+            raise PromptError("Type a question or attach an image.")
+        images = sum(len(m.images) for m in messages)
+        if images > self.config.max_images:
+            raise PromptError(f"Too many images: {images} in the conversation, at most {self.config.max_images}.")
+        for m in messages:
+            if len(m.text) > self.config.max_text_chars:
+                raise PromptError(
+                    f"Message too long: {len(m.text)} characters, at most {self.config.max_text_chars}."
+                )
+
+    def build(self, messages: list[Message]) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask, mm_token_type_ids and, with images, pixel_values/image_grid_thw."""
+        self.validate(messages)
+        images = [img for m in messages for img in m.images]
+        vision = {}
+        counts: list[int] = []
+        if images:
+            bounds = {k: v for k in ("min_pixels", "max_pixels") if (v := getattr(self.config, k)) is not None}
+            vision = dict(self.image_processor(images=images, return_tensors="pt", **bounds))
+            counts = (vision["image_grid_thw"].prod(-1) // self.merge**2).tolist()
+        ids: list[int] = []
+        if self.system_prompt:
+            ids += self._turn("system", self._text(self.system_prompt))
+        slot = iter(counts)
+        for m in messages:
+            if m.role == "user":
+                body = []
+                for _ in m.images:
+                    body += [self.vision_start, *[self.image_pad] * next(slot), self.vision_end]
+                ids += self._turn("user", body + self._text(m.text))
+            else:
+                ids += self._turn("assistant", self._text(strip_reasoning(m.text)))
+        ids += [self.im_start, *self._text("assistant\n")]
+        input_ids = torch.tensor([ids])
+        return dict(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            mm_token_type_ids=(input_ids == self.image_pad).int(),
+            **vision,
+        )

@@ -1,0 +1,157 @@
+"""Typed events of one answer, and the incremental parser that produces them from model text.
+
+The UI, the CLI and the tests all consume the same events: `Routed` once the prefill has chosen
+an expert, then `ReasoningDelta`/`AnswerDelta` pieces as tokens arrive, then `Done` (or `Failed`,
+which keeps whatever was already streamed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .routing import RoutingTrace
+
+
+@dataclass(frozen=True)
+class Routed:
+    trace: RoutingTrace
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class AnswerDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    ttft_s: float  # request start -> first generated token (includes prefill and image encoding)
+    total_s: float
+    tokens: int
+    thinking_tokens: int
+    stop_reason: str  # "eos", "max_new_tokens", "cancelled" or "error"
+
+    @property
+    def tokens_per_s(self) -> float:
+        decode_s = self.total_s - self.ttft_s
+        return (self.tokens - 1) / decode_s if self.tokens > 1 and decode_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Done:
+    stats: GenerationStats
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+    stats: GenerationStats
+
+
+Event = Routed | ReasoningDelta | AnswerDelta | Done | Failed
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+
+
+class OutputParser:
+    """Splits `<think>…</think><answer>…</answer>` (or the direct forms, with or without
+    `<answer>`) into reasoning and answer text while it streams.
+
+    Text that could be the start of a tag is held back until the next piece decides it, so a tag
+    split across tokens (`</th` + `ink>`) never leaks into the output.
+    """
+
+    # state -> the tags that may follow, and the state each leads to
+    _NEXT = {
+        "start": {THINK_OPEN: "think", ANSWER_OPEN: "answer"},
+        "think": {THINK_CLOSE: "between"},
+        "between": {ANSWER_OPEN: "answer"},
+        "answer": {ANSWER_CLOSE: "end"},
+        "end": {},
+    }
+
+    def __init__(self):
+        self.state = "start"
+        self._pending = ""
+
+    def feed(self, text: str) -> list[ReasoningDelta | AnswerDelta]:
+        self._pending += text
+        out: list[ReasoningDelta | AnswerDelta] = []
+        while self._pending:
+            tags = self._NEXT[self.state]
+            hits = [(self._pending.find(t), t) for t in tags if t in self._pending]
+            if hits:
+                pos, tag = min(hits)
+                self._emit(self._pending[:pos], out)
+                self._pending = self._pending[pos + len(tag) :]
+                self.state = tags[tag]
+                continue
+            keep = max((self._partial(tag) for tag in tags), default=0)
+            cut = len(self._pending) - keep
+            if self.state in ("start", "between") and not self._pending[:cut].strip() and keep:
+                break  # only whitespace before a possible tag: wait
+            self._emit(self._pending[:cut], out)
+            self._pending = self._pending[cut:]
+            break
+        return out
+
+    def finish(self) -> list[ReasoningDelta | AnswerDelta]:
+        out: list[ReasoningDelta | AnswerDelta] = []
+        self._emit(self._pending, out)
+        self._pending = ""
+        return out
+
+    @property
+    def in_reasoning(self) -> bool:
+        return self.state == "think"
+
+    def _partial(self, tag: str) -> int:
+        """Length of the longest suffix of the pending text that is a proper prefix of `tag`."""
+        for n in range(min(len(tag) - 1, len(self._pending)), 0, -1):
+            if self._pending.endswith(tag[:n]):
+                return n
+        return 0
+
+    def _emit(self, text: str, out: list) -> None:
+        if not text:
+            return
+        if self.state == "think":
+            out.append(ReasoningDelta(text))
+        elif self.state == "end":
+            return  # anything after </answer> is not part of the answer
+        else:
+            if self.state in ("start", "between"):
+                text = text.lstrip() if not out else text
+                if not text:
+                    return
+                self.state = "answer"  # no tags: the direct form without <answer>
+            out.append(AnswerDelta(text))
+
+
+class IncrementalDecoder:
+    """Token ids -> new text per token, without re-decoding the whole answer each step and
+    without emitting half of a multi-byte character."""
+
+    def __init__(self, tokenizer, hidden_ids: set[int]):
+        self.tokenizer = tokenizer
+        self.hidden = hidden_ids
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the window re-decoded for context
+        self.read = 0  # end of the text already emitted
+
+    def push(self, token_id: int) -> str:
+        if token_id in self.hidden:
+            return ""
+        self.ids.append(token_id)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+        before = decode(self.ids[self.prefix : self.read])
+        text = decode(self.ids[self.prefix :])
+        if text.endswith("\ufffd") or len(text) <= len(before):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before) :]
