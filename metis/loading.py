@@ -32,8 +32,6 @@ PREPROCESSING_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "preprocessor_config.json", "chat_template.json", "chat_template.jinja", "added_tokens.json",
 )
-# Metis-RISE's image bounds; the embedded model keeps the bounds it was trained with.
-REAL_MODEL_PROMPTS = PromptConfig(min_pixels=128 * 28 * 28, max_pixels=16384 * 28 * 28)
 
 
 class CheckpointMismatch(ValueError):
@@ -177,9 +175,8 @@ def load(spec: str | None = None, device: str | None = None, dtype: str | None =
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-    embedded = path == EMBEDDED
-    prompts = PromptConfig() if embedded else REAL_MODEL_PROMPTS
-    return model, tokenizer, image_processor, prompts, describe(model, str(spec or "embedded tiny"), attn)
+    # image bounds: the checkpoint's own preprocessor config (the tiny model's fixes 112x112)
+    return model, tokenizer, image_processor, PromptConfig(), describe(model, str(spec or "embedded tiny"), attn)
 
 
 def describe(model: MetisHomeForConditionalGeneration, checkpoint: str, attn: str) -> ModelInfo:

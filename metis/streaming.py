@@ -126,7 +126,7 @@ class OutputParser:
             return  # anything after </answer> is not part of the answer
         else:
             if self.state in ("start", "between"):
-                text = text.lstrip() if not out else text
+                text = text.lstrip()  # whitespace around the tags is not part of the answer
                 if not text:
                     return
                 self.state = "answer"  # no tags: the direct form without <answer>

@@ -1,0 +1,136 @@
+"""Command line: `python -m metis {chat,route,eval,finetune,upcycle}`.
+
+The CLI consumes the same events as the web app; `route` prints the routing trace as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .generation import Engine, GenerationSettings
+from .prompting import Message
+from .routing import MODES
+from .streaming import AnswerDelta, Done, Failed, ReasoningDelta, Routed
+
+
+def _messages(args) -> list[Message]:
+    from .images import load_image
+
+    return [Message("user", args.prompt, [load_image(p) for p in args.image or []])]
+
+
+def _engine(args) -> Engine:
+    return Engine.load(args.model, allow_pickle=getattr(args, "allow_pickle", False))
+
+
+def chat(args) -> int:
+    engine = _engine(args)
+    settings = GenerationSettings(mode=args.mode, threshold=args.threshold, max_new_tokens=args.max_new_tokens,
+                                  thinking_budget=args.thinking_budget, temperature=args.temperature)
+    out = sys.stdout
+    section = None
+    for event in engine.stream(_messages(args), settings):
+        match event:
+            case Routed(trace):
+                print(f"[router] p(think)={trace.p_think:.3f} -> {trace.decision} (mode {trace.mode})", file=sys.stderr)
+            case ReasoningDelta(text) | AnswerDelta(text):
+                kind = "thinking" if isinstance(event, ReasoningDelta) else "answer"
+                if kind != section:
+                    out.write(f"\n[{kind}]\n")
+                    section = kind
+                out.write(text)
+                out.flush()
+            case Done(stats) | Failed(_, stats):
+                if isinstance(event, Failed):
+                    print(f"\n[error] {event.message}", file=sys.stderr)
+                print(f"\n[{stats.tokens} tokens, {stats.thinking_tokens} thinking, ttft {stats.ttft_s:.3f} s, "
+                      f"{stats.tokens_per_s:.0f} tok/s, stop: {stats.stop_reason}]", file=sys.stderr)
+                return 1 if isinstance(event, Failed) else 0
+    return 0
+
+
+def route(args) -> int:
+    trace = _engine(args).route(_messages(args), mode=args.mode, threshold=args.threshold)
+    print(json.dumps(trace.to_dict(), indent=2))
+    return 0
+
+
+def upcycle(args) -> int:
+    from .upcycle import upcycle_checkpoint
+
+    upcycle_checkpoint(args.source, args.out, thinking_expert=args.thinking_expert)
+    print(f"saved Metis-HOME checkpoint to {args.out}")
+    return 0
+
+
+def evaluate(args) -> int:
+    from .tiny.evaluate import main
+
+    return main(args)
+
+
+def finetune(args) -> int:
+    from .finetune.cli import main
+
+    return main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m metis", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_model(p):
+        p.add_argument("--model", default=None, help="checkpoint folder or Hub id (default: embedded tiny model)")
+        p.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights (trusted sources only)")
+        return p
+
+    def with_query(p):
+        p.add_argument("--prompt", required=True)
+        p.add_argument("--image", action="append", help="image file (repeat for several)")
+        p.add_argument("--mode", choices=MODES, default="auto")
+        p.add_argument("--threshold", type=float, default=None)
+        return p
+
+    p = with_query(with_model(sub.add_parser("chat", help="stream reasoning and answer to the terminal")))
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--thinking-budget", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(func=chat)
+
+    with_query(with_model(sub.add_parser("route", help="print the routing trace as JSON"))).set_defaults(func=route)
+
+    p = sub.add_parser("upcycle", help="dense Qwen2.5-VL checkpoint -> Metis-HOME")
+    p.add_argument("source")
+    p.add_argument("out")
+    p.add_argument("--thinking-expert", type=int, default=0)
+    p.set_defaults(func=upcycle)
+
+    p = with_model(sub.add_parser("eval", help="evaluate on the tiny world's held-out split"))
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=evaluate)
+
+    try:
+        from .finetune.cli import add_arguments
+    except ImportError:
+        pass
+    else:
+        p = with_model(sub.add_parser("finetune", help="fine-tune the router on labelled queries"))
+        add_arguments(p)
+        p.set_defaults(func=finetune)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:  # bad input: one clear line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
