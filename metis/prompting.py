@@ -91,7 +91,11 @@ class PromptBuilder:
         vision = {}
         counts: list[int] = []
         if images:
-            bounds = {k: v for k in ("min_pixels", "max_pixels") if (v := getattr(self.config, k)) is not None}
+            bounds = {}
+            if self.config.min_pixels is not None or self.config.max_pixels is not None:
+                own = self.image_processor.size
+                bounds["size"] = {"shortest_edge": self.config.min_pixels or own["shortest_edge"],
+                                  "longest_edge": self.config.max_pixels or own["longest_edge"]}
             vision = dict(self.image_processor(images=images, return_tensors="pt", **bounds))
             counts = (vision["image_grid_thw"].prod(-1) // self.merge**2).tolist()
         ids: list[int] = []
