@@ -1,0 +1,49 @@
+"""The Gradio app, one module per tab. `build_demo` takes a loaded engine, or the error that
+kept it from loading (the app then starts anyway and says why on every tab)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from . import chat, compare, model_tab
+from .runtime import Runner, UnavailableEngine
+from .session import Session
+
+TITLE = "Metis-HOME · hybrid thinking"
+THEME = gr.themes.Soft(primary_hue="violet", secondary_hue="cyan")
+CSS = """
+#router-view { min-width: 320px; }
+.error-banner { border: 1px solid #dc2626; border-radius: 8px; padding: 0 12px; background: #fef2f2; }
+"""
+
+
+def build_demo(engine_or_error) -> gr.Blocks:
+    """Blocks for an `Engine`, or for an exception/message when loading failed."""
+    if isinstance(engine_or_error, BaseException | str):
+        engine_or_error = UnavailableEngine(engine_or_error)
+    runner = Runner(engine_or_error)
+    info = engine_or_error.info.to_dict() if runner.available else None
+    threshold = engine_or_error.model.config.routing_threshold if runner.available else 0.5
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(
+            f"# {TITLE}\nA router sends each question either to a **thinking expert**, which reasons "
+            "step by step before answering, or to a **direct expert**, which answers at once. "
+            "The panel on the right shows what the router saw and chose."
+        )
+        if not runner.available:
+            gr.Markdown(f"⚠️ **The model could not be loaded**: {engine_or_error.error}",
+                        elem_classes="error-banner", elem_id="load-error")
+        session = gr.State(Session())  # each browser session gets its own copy
+        router = gr.State(None)  # per-session router weights; the fine-tuning tab may set them
+        with gr.Tab("Chat"):
+            chat.build(runner, session, router, threshold)
+        with gr.Tab("Compare experts"):
+            compare.build(runner, session, router)
+        if runner.available:
+            from .finetune import build_finetune_tab
+
+            with gr.Tab("Fine-tune router"):
+                build_finetune_tab(engine_or_error, router)
+        with gr.Tab("Model"):
+            model_tab.build(info, None if runner.available else engine_or_error.error)
+    return demo

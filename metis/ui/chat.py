@@ -1,0 +1,162 @@
+"""The chat tab (multi-turn, images, streamed reasoning and answer) with the router view beside
+it, and the `/chat` and `/route` API endpoints."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import gradio as gr
+
+from .events import LATEX_DELIMITERS, error_message, to_messages, user_bubbles
+from .examples import EXAMPLES
+from .plots import history_figure, routing_figure
+from .runtime import USER_ERRORS, Runner, settings
+from .session import Session, stats_markdown
+
+log = logging.getLogger(__name__)
+MODES = [("Auto (router decides)", "auto"), ("Think", "think"), ("Direct", "direct")]
+
+
+def settings_controls(threshold: float) -> list[gr.components.Component]:
+    """Mode, threshold, thinking budget, max new tokens, temperature, top-p; their initial values
+    are also the API's defaults. Ranges are the library's, so it is the library that refuses."""
+    return [
+        gr.Radio(MODES, value="auto", label="Routing mode"),
+        gr.Slider(0, 1, value=threshold, step=0.01, label="Threshold",
+                  info="auto mode thinks when p(think) ≥ threshold"),
+        gr.Number(0, label="Thinking budget (tokens, 0 = none)", precision=0,
+                  info="closes the reasoning after this many tokens"),
+        gr.Slider(1, 16384, value=1024, step=1, label="Max new tokens"),
+        gr.Slider(0, 2, value=0, step=0.05, label="Temperature", info="0 = greedy"),
+        gr.Slider(0.01, 1, value=1, step=0.01, label="Top-p"),
+    ]
+
+
+# -- chat tab handlers (module level so tests can call them with an engine) --------------------
+
+
+def add_turn(message: dict, history: list, state: Session):
+    """Show the question at once and lock the textbox until the answer is done; the new
+    Event is made here, so a Stop pressed while queued already applies."""
+    state.new_turn()
+    return history + user_bubbles(message.get("text", ""), message.get("files", [])), \
+        gr.MultimodalTextbox(value=None, interactive=False)
+
+
+def respond(runner: Runner, history: list, mode, threshold, budget, max_new_tokens, temperature, top_p,
+            state: Session, router_value):
+    """Stream the answer to the last user message into the chat, then the router view's
+    stats and session figure. Errors become an error message in the chat."""
+    if not history or history[-1]["role"] != "user":
+        yield history, gr.skip(), gr.skip(), gr.skip()
+        return
+    try:
+        request = settings(mode, threshold, budget, max_new_tokens, temperature, top_p)
+        plotted = False
+        for turn in runner.answer(to_messages(history), request, router_value, state.cancel):
+            figure = gr.skip()
+            if turn.trace is not None and not plotted:
+                figure, plotted = routing_figure(turn.trace), True
+            yield history + turn.messages(), figure, gr.skip(), gr.skip()
+    except USER_ERRORS as exc:
+        yield history + [error_message(str(exc))], gr.skip(), gr.skip(), gr.skip()
+        return
+    except Exception as exc:  # the app keeps serving; the log has the traceback
+        log.exception("chat request failed")
+        yield history + [error_message(f"Internal error: {type(exc).__name__}: {exc}")], \
+            gr.skip(), gr.skip(), gr.skip()
+        return
+    if turn.stopped:
+        yield gr.skip(), gr.skip(), "*Stopped: this answer's timings were not recorded.*", gr.skip()
+        return
+    if turn.error is None:
+        state.record(turn.trace, turn.stats)
+    yield gr.skip(), gr.skip(), stats_markdown(turn.trace, turn.stats, state), history_figure(state.records)
+
+
+def retry_turn(history: list, state: Session):
+    """Drop the last answer (everything after the last user message) to answer it again."""
+    state.new_turn()
+    last_user = max((i for i, m in enumerate(history) if m["role"] == "user"), default=-1)
+    return history[: last_user + 1], gr.MultimodalTextbox(interactive=False)
+
+
+def stop_answer(state: Session):
+    state.cancel.set()
+
+
+def clear_chat(state: Session):
+    state.cancel.set()
+    return [], gr.MultimodalTextbox(value=None, interactive=True), routing_figure(None)
+
+
+def build(runner: Runner, session: gr.State, router: gr.State, threshold: float) -> None:
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            chatbot = gr.Chatbot(
+                label="Chat", height=540, latex_delimiters=LATEX_DELIMITERS, buttons=["copy", "copy_all"],
+                placeholder="**Ask about an image.** The router picks the thinking or the direct expert.",
+                elem_id="chat",
+            )
+            textbox = gr.MultimodalTextbox(
+                file_types=["image"], file_count="multiple", show_label=False, elem_id="ask",
+                placeholder="Type a question, attach one or more images, press Enter",
+            )
+            with gr.Row():
+                stop = gr.Button("⏹ Stop", variant="stop", size="sm", elem_id="stop")
+                retry = gr.Button("🔄 Retry", size="sm")
+                clear = gr.Button("🗑 Clear", size="sm")
+            with gr.Accordion("Settings", open=False):
+                controls = settings_controls(threshold)
+            for label, examples in EXAMPLES.items():
+                gr.Examples(examples=[[e] for e in examples], inputs=[textbox], label=label)
+        with gr.Column(scale=2, elem_id="router-view"):
+            routing_plot = gr.Plot(routing_figure(None), show_label=False, elem_id="routing-plot")
+            stats = gr.Markdown(stats_markdown(None, None, Session()))
+            history_plot = gr.Plot(history_figure([]), show_label=False)
+
+    answer_inputs = [chatbot, *controls, session, router]
+    answer_outputs = [chatbot, routing_plot, stats, history_plot]
+    unlock = dict(fn=lambda: gr.MultimodalTextbox(interactive=True), outputs=textbox, api_visibility="private")
+    answering = []
+    for trigger, first, first_inputs in ((textbox.submit, add_turn, [textbox, chatbot, session]),
+                                         (retry.click, retry_turn, [chatbot, session])):
+        event = trigger(first, first_inputs, [chatbot, textbox], queue=False, api_visibility="private").then(
+            partial(respond, runner), answer_inputs, answer_outputs, concurrency_id="model", api_visibility="private",
+            show_progress="hidden",
+        )
+        answering.append(event)
+        event.then(**unlock)
+    stop.click(stop_answer, session, None, queue=False, api_visibility="private")
+    clear.click(clear_chat, session, [chatbot, textbox, routing_plot], queue=False, cancels=answering,
+                api_visibility="private")
+
+    # -- API: no trigger in the page; the same components give parameter types and defaults --
+    # (the parameter names are the API's; its defaults are the controls' initial values)
+    def chat(message: dict, mode, threshold, thinking_budget, max_new_tokens, temperature, top_p, router_value):
+        """Answer one question (text + images). Streams the chat messages: a thinking message
+        (metadata title/status/duration) or a "answered directly" note, then the answer."""
+        try:
+            request = settings(mode, threshold, thinking_budget, max_new_tokens, temperature, top_p)
+            messages = to_messages(user_bubbles(message.get("text", ""), message.get("files", [])))
+            for turn in runner.answer(messages, request, router_value):
+                yield turn.messages()
+        except USER_ERRORS as exc:
+            raise gr.Error(str(exc)) from None
+        if turn.error:
+            raise gr.Error(turn.error)
+
+    def route(message: dict, mode, threshold, router_value) -> dict:
+        """The router's decision for a question, without generating: p_think, decision,
+        per_layer, threshold, mode."""
+        try:
+            messages = to_messages(user_bubbles(message.get("text", ""), message.get("files", [])))
+            return runner.route(messages, mode, threshold, router_value).to_dict()
+        except USER_ERRORS as exc:
+            raise gr.Error(str(exc)) from None
+
+    api_chat = gr.Chatbot(visible=False, label="messages")
+    gr.on([], chat, [textbox, *controls, router], api_chat, api_name="chat", concurrency_id="model")
+    gr.on([], route, [textbox, controls[0], controls[1], router], gr.JSON(visible=False, label="trace"),
+          api_name="route", concurrency_id="model")

@@ -1,0 +1,45 @@
+"""What is loaded: checkpoint, device, sizes and how it routes (engine.info)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+LABELS = {
+    "checkpoint": "Checkpoint",
+    "device": "Device",
+    "dtype": "Weights dtype",
+    "attn_implementation": "Attention",
+    "num_experts": "Experts",
+    "thinking_expert": "Thinking expert index",
+    "params_total": "Parameters (total)",
+    "params_shared": "Parameters shared (attention, vision, embeddings)",
+    "params_per_expert": "Parameters per expert (FFN copies)",
+    "memory_bytes": "Weights in memory",
+    "routing": "Routing",
+}
+
+
+def _format(key: str, value) -> str:
+    if key == "memory_bytes":
+        return f"{value / 2**20:,.1f} MiB"
+    if key.startswith("params"):
+        return f"{value:,}"
+    return f"`{value}`" if key == "checkpoint" else str(value)
+
+
+def info_markdown(info: dict | None, error: str | None = None) -> str:
+    if info is None:
+        return f"### ⚠️ No model loaded\n\n{error or 'unknown reason'}"
+    rows = [f"| {LABELS.get(k, k)} | {_format(k, v)} |" for k, v in info.items()]
+    return "\n".join(["| Loaded model | |", "|---|---|", *rows])
+
+
+def build(info: dict | None, error: str | None) -> None:
+    gr.Markdown(info_markdown(info, error))
+    gr.Markdown(
+        "Metis-HOME duplicates only the feed-forward layers of Qwen2.5-VL into a **thinking** and a "
+        "**direct** expert; attention, embeddings and the vision tower are shared. A router looks at "
+        "the whole question once, before the first token, and the chosen expert writes the entire "
+        "answer. Paper: [arXiv 2510.20519](https://arxiv.org/abs/2510.20519) · weights: "
+        "[mmthinking/Metis-HOME](https://huggingface.co/mmthinking/Metis-HOME)."
+    )

@@ -1,0 +1,82 @@
+"""Plotly figures of the router: this query's gate probabilities against the threshold, and the
+session's decisions so far. Built from traces and records only."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+from ..routing import RoutingTrace
+from .session import Record
+
+THINK, DIRECT, MUTED = "#7c3aed", "#0891b2", "#cbd5e1"
+
+
+def _layout(fig: go.Figure, title: str) -> go.Figure:
+    fig.update_layout(
+        title={"text": title, "font": {"size": 14}},
+        height=260,
+        margin={"l": 40, "r": 10, "t": 40, "b": 40},
+        template="plotly_white",
+        showlegend=False,
+    )
+    return fig
+
+
+def empty(title: str, hint: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=hint, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _layout(fig, title)
+
+
+def routing_figure(trace: RoutingTrace | None) -> go.Figure:
+    """Thinking probability per MoE layer; the first layer's gate decides for the whole query
+    (it is highlighted in the chosen expert's colour), the others are shown for insight."""
+    if trace is None:
+        return empty("Router", "Ask a question to see the router's decision")
+    layers = [f"L{i + 1}" for i in range(len(trace.per_layer))]
+    chosen = THINK if trace.decision == "think" else DIRECT
+    colours = [chosen] + [MUTED] * (len(layers) - 1)
+    fig = go.Figure(go.Bar(x=layers, y=trace.per_layer, marker_color=colours,
+                           hovertemplate="%{x}: p(think)=%{y:.3f}<extra></extra>"))
+    fig.add_hline(y=trace.threshold, line_dash="dash", line_color="#475569",
+                  annotation_text=f"threshold {trace.threshold:.2f}", annotation_position="top left")
+    fig.update_yaxes(range=[0, 1], title="p(think)")
+    if trace.mode == "auto":
+        verdict = "≥" if trace.decision == "think" else "<"
+        title = f"p(think) = {trace.p_think:.2f} {verdict} {trace.threshold:.2f} → {_expert(trace.decision)}"
+    else:
+        title = f"p(think) = {trace.p_think:.2f} · forced {trace.mode}: {_expert(trace.decision)}"
+    return _layout(fig, title)
+
+
+def history_figure(records: list[Record]) -> go.Figure:
+    """Each answer's p(think) in order (filled: decided by the router, open: forced), with the
+    running thinking ratio of the routed ones."""
+    if not records:
+        return empty("Session", "Decisions of this session appear here")
+    x = list(range(1, len(records) + 1))
+    fig = go.Figure(go.Scatter(
+        x=x, y=[r.p_think for r in records], mode="markers",
+        marker={"size": 11, "color": [THINK if r.decision == "think" else DIRECT for r in records],
+                "symbol": ["circle" if r.mode == "auto" else "circle-open" for r in records],
+                "line": {"width": 2, "color": [THINK if r.decision == "think" else DIRECT for r in records]}},
+        text=[f"{_expert(r.decision)} ({r.mode}) · {r.tokens} tokens" for r in records],
+        hovertemplate="#%{x}: p(think)=%{y:.2f}<br>%{text}<extra></extra>",
+    ))
+    ratio, seen, thought = [], 0, 0
+    for r in records:
+        if r.mode == "auto":
+            seen, thought = seen + 1, thought + (r.decision == "think")
+        ratio.append(thought / seen if seen else None)
+    fig.add_trace(go.Scatter(x=x, y=ratio, mode="lines", line={"color": "#94a3b8", "dash": "dot"},
+                             hovertemplate="thinking ratio %{y:.0%}<extra></extra>"))
+    fig.update_yaxes(range=[-0.05, 1.05], title="p(think)")
+    fig.update_xaxes(title="answer", dtick=1)
+    share = f"{ratio[-1]:.0%}" if ratio[-1] is not None else "—"
+    return _layout(fig, f"Session: thinking ratio {share} (dotted)")
+
+
+def _expert(decision: str) -> str:
+    return {"think": "thinking expert", "direct": "direct expert"}.get(decision, "per-token routing")

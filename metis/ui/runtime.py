@@ -1,0 +1,120 @@
+"""How the tabs call the engine: user-facing errors, ZeroGPU, throttled streaming and Stop.
+
+Every tab goes through `Runner`, so the GPU reservation, the refusal when no model is loaded
+and the way Stop ends an answer are written once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from ..generation import GenerationSettings
+from ..prompting import Message
+from ..routing import RoutingTrace
+from ..streaming import AnswerDelta, ReasoningDelta
+from .events import ChatTurn
+
+STREAM_INTERVAL_S = 0.05  # at most ~20 screen updates per second; a fast model makes hundreds of tokens
+
+
+class ModelUnavailable(RuntimeError):
+    """No model is loaded; the message says why (shown to the user instead of a traceback)."""
+
+
+USER_ERRORS = (ValueError, ModelUnavailable)  # bad settings/requests (PromptError is a ValueError)
+
+
+class UnavailableEngine:
+    """Stands in for an engine that failed to load, so the app still starts and every request
+    answers with the one load error."""
+
+    info = None
+
+    def __init__(self, error: BaseException | str):
+        self.error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+
+    def stream(self, *args, **kwargs):
+        raise ModelUnavailable(f"The model is not loaded: {self.error}")
+
+    route = stream
+
+
+def gpu(duration: Callable[..., int]):
+    """`spaces.GPU(duration=...)` on a ZeroGPU Space; elsewhere the function unchanged."""
+    if os.environ.get("SPACES_ZERO_GPU"):
+        with contextlib.suppress(ImportError):
+            import spaces
+
+            return spaces.GPU(duration=duration)
+    return lambda fn: fn
+
+
+def gpu_seconds(max_new_tokens: int) -> int:
+    """GPU time to reserve for an answer: prefill plus ~25 tokens/s for a 7B model, capped at
+    ZeroGPU's usual 5-minute maximum."""
+    return int(min(300, 20 + max_new_tokens / 25))
+
+
+def settings(mode: str, threshold: float | None, thinking_budget: float | None, max_new_tokens: float,
+             temperature: float, top_p: float) -> GenerationSettings:
+    """UI/API values -> settings. Numbers arrive as floats from sliders and JSON; a non-integer
+    token count is refused rather than rounded, like every other out-of-range value."""
+    def count(name: str, value):
+        if value is None or value == "":
+            return None
+        if float(value) != int(float(value)):
+            raise ValueError(f"{name} must be a whole number, got {value}")
+        return int(float(value))
+
+    budget = count("thinking_budget", thinking_budget)
+    return GenerationSettings(
+        mode=str(mode).lower(),
+        threshold=None if threshold is None else float(threshold),
+        max_new_tokens=count("max_new_tokens", max_new_tokens),
+        thinking_budget=budget or None,  # 0 in the UI means "no budget"
+        temperature=float(temperature),
+        top_p=float(top_p),
+    )
+
+
+class Runner:
+    """The engine as the UI uses it. The GPU-decorated methods take only picklable arguments
+    (ZeroGPU runs them in another process); Stop is therefore checked here, between events,
+    and ends the answer by closing the stream, which stops the engine's worker."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.available = not isinstance(engine, UnavailableEngine)
+
+        @gpu(duration=lambda messages, settings, router=None: gpu_seconds(settings.max_new_tokens))
+        def events(messages: list[Message], settings: GenerationSettings, router=None):
+            yield from engine.stream(messages, settings, router=router)
+
+        @gpu(duration=lambda *args, **kwargs: 20)
+        def route(messages: list[Message], mode: str, threshold: float | None, router=None) -> RoutingTrace:
+            return engine.route(messages, mode, threshold, router=router)
+
+        self.events, self.route = events, route
+
+    def answer(self, messages: list[Message], settings: GenerationSettings, router=None,
+               cancel: threading.Event | None = None) -> Iterator[ChatTurn]:
+        """The turn after each event, at most every STREAM_INTERVAL_S while text streams; the
+        last yield is always the finished (or stopped) turn."""
+        turn = ChatTurn()
+        last = 0.0
+        with contextlib.closing(self.events(messages, settings, router)) as events:
+            for event in events:
+                turn.feed(event)
+                if cancel is not None and cancel.is_set():
+                    turn.stop()
+                    break
+                now = time.perf_counter()
+                if not isinstance(event, ReasoningDelta | AnswerDelta) or now - last >= STREAM_INTERVAL_S:
+                    last = now
+                    yield turn
+        if turn.stopped:
+            yield turn

@@ -1,0 +1,187 @@
+"""The app: handlers with the fixture engine, and a launched server driven through gradio_client."""
+
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import plotly.graph_objects as go
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from metis.tiny import world
+from metis.ui import build_demo
+from metis.ui.chat import add_turn, respond, stop_answer
+from metis.ui.events import to_messages, user_bubbles
+from metis.ui.runtime import Runner, settings
+from metis.ui.session import Session
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(demo):
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    return demo
+
+
+@pytest.fixture(scope="module")
+def long_question(engine, tmp_path_factory):
+    """A shapes question that the fixture's random weights answer without ever writing the end
+    token (greedy decoding loops), so "long generation" tests really are long."""
+    for seed in range(50):
+        sample = world.sample(seed)
+        path = tmp_path_factory.mktemp("img") / "shapes.png"
+        sample.image.save(path)
+        messages = to_messages(user_bubbles(sample.question, [str(path)]))
+        if all(engine.run(messages, settings(mode, None, 0, 300, 0, 1)).stats.stop_reason == "max_new_tokens"
+               for mode in ("think", "direct")):
+            return sample.question, str(path), messages
+    pytest.fail("no shapes question keeps the random model talking")
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    demo = launch(build_demo(engine))
+    yield Client(demo.local_url, verbose=False)
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def question(long_question):
+    """The API's `message` parameter for the long question (a fresh upload each call)."""
+    text, image, _ = long_question
+    return lambda: {"text": text, "files": [handle_file(image)]}
+
+
+# -- handlers, called directly ------------------------------------------------------------------
+
+def test_forced_think_streams_a_thinking_note_then_finishes(engine, long_question):
+    stream = Runner(engine).answer(long_question[2], settings("think", None, 0, 16, 0, 1))
+    shown = [(turn.messages(), turn) for turn in stream]  # one turn object, updated as events come
+    (first, _), (last, turn) = shown[0], shown[-1]
+    assert first[0]["metadata"]["status"] == "pending"
+    assert last[0]["metadata"]["status"] == "done" and last[0]["metadata"]["title"].startswith("💭 Thought ·")
+    assert turn.stats.stop_reason == "max_new_tokens"
+
+
+def test_stop_event_ends_a_long_answer_quickly(engine, long_question):
+    cancel = threading.Event()
+    start = time.perf_counter()
+    stream = Runner(engine).answer(long_question[2],
+                                   settings("think", None, 0, 16384, 0, 1), cancel=cancel)
+    next(stream)
+    cancel.set()
+    *_, last = stream
+    assert last.stopped and time.perf_counter() - start < 5
+    assert engine._lock.acquire(timeout=2)  # the worker is gone, the engine is free
+    engine._lock.release()
+
+
+def test_chat_handler_streams_into_history_and_records_the_session(engine, long_question):
+    text, image, _ = long_question
+    state = Session()
+    history, _ = add_turn({"text": text, "files": [image]}, [], state)
+    updates = list(respond(Runner(engine), history, "think", 0.5, 0, 8, 0, 1, state, None))
+    chat, stats = updates[-2][0], updates[-1][2]  # the last yield only adds the stats and figure
+    assert chat[:1] == history and chat[1]["metadata"]["status"] == "done"
+    assert "thinking" in stats and state.records[0].mode == "think"
+    assert any(isinstance(u[1], go.Figure) for u in updates)  # the router figure came with the first tokens
+
+
+def test_chat_handler_shows_bad_settings_and_bad_images_as_messages(engine, tmp_path):
+    state = Session()
+    history, _ = add_turn({"text": "hi", "files": []}, [], state)
+    (update,) = respond(Runner(engine), history, "auto", 2.0, 0, 8, 0, 1, state, None)
+    assert update[0][-1]["metadata"]["title"] == "⚠️ Error" and "threshold" in update[0][-1]["content"]
+    bad = tmp_path / "x.png"
+    bad.write_text("no")
+    history, _ = add_turn({"text": "hi", "files": [str(bad)]}, [], state)
+    (update,) = respond(Runner(engine), history, "auto", 0.5, 0, 8, 0, 1, state, None)
+    assert "x.png" in update[0][-1]["content"]
+
+
+def test_stop_handler_stops_only_its_session(engine, long_question):
+    text, image, _ = long_question
+    mine, other = Session(), Session()
+    history, _ = add_turn({"text": text, "files": [image]}, [], mine)
+    add_turn({"text": text, "files": [image]}, [], other)
+    updates = respond(Runner(engine), history, "think", 0.5, 0, 16384, 0, 1, mine, None)
+    next(updates)
+    stop_answer(mine)
+    *_, last = updates
+    assert last[2].startswith("*Stopped") and not other.cancel.is_set()
+
+
+# -- through the API ------------------------------------------------------------------------------
+
+def test_chat_api_streams_thinking_then_answer(client, question):
+    job = client.submit(question(), "think", api_name="/chat")
+    updates = list(job)
+    assert len(updates) >= 1
+    final = job.result()
+    assert final[0]["metadata"]["title"].startswith("💭 Thought ·")
+    assert final[0]["metadata"]["status"] == "done"
+    assert final[-1]["role"] == "assistant"
+    direct = client.predict(question(), "direct", api_name="/chat")
+    assert direct[0]["metadata"]["title"].startswith("⚡ Answered directly")
+
+
+def test_route_api_returns_the_trace(client, question):
+    trace = client.predict(question(), api_name="/route")
+    assert {"p_think", "decision", "per_layer", "threshold", "mode"} <= trace.keys()
+    assert trace["mode"] == "auto" and 0 <= trace["p_think"] <= 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"threshold": 2}, "threshold|maximum"),
+    ({"max_new_tokens": -3}, "max_new_tokens|minimum"),
+    ({"thinking_budget": -1}, "thinking_budget"),
+])
+def test_bad_settings_give_a_message_and_the_app_keeps_serving(client, question, kwargs, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(question(), api_name="/chat", **kwargs)
+    assert client.predict(question(), "direct", max_new_tokens=4, api_name="/chat")
+
+
+def test_empty_question_and_bad_image_are_refused_clearly(client, tmp_path):
+    with pytest.raises(AppError, match="Type a question"):
+        client.predict({"text": " ", "files": []}, api_name="/route")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(AppError, match="bad.png"):
+        client.predict({"text": "hi", "files": [handle_file(str(bad))]}, api_name="/chat")
+
+
+def test_cancelling_a_long_api_answer_frees_the_model(client, question):
+    job = client.submit(question(), "think", max_new_tokens=16384, api_name="/chat")
+    deadline = time.monotonic() + 10
+    while not job.outputs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.cancel()
+    start = time.perf_counter()
+    client.predict(question(), api_name="/route")
+    assert time.perf_counter() - start < 8  # 16k tokens would take ~20 s more
+
+
+def test_app_starts_without_a_model_and_says_why():
+    demo = launch(build_demo(FileNotFoundError("the embedded model is missing")))
+    try:
+        with pytest.raises(AppError, match="model is not loaded.*embedded model is missing"):
+            Client(demo.local_url, verbose=False).predict({"text": "hi", "files": []}, api_name="/chat")
+    finally:
+        demo.close()
+
+
+def test_spacefile_runs_the_app_entry_point():
+    run = re.search(r"^\s*run:\s*python (\S+)", (ROOT / "Spacefile").read_text(), re.M).group(1)
+    assert (ROOT / run).is_file() and "demo.launch(" in (ROOT / run).read_text()
+    assert run == "app.py"  # the README front matter's app_file
