@@ -1,0 +1,129 @@
+"""Many users at once against a launched app, loopback only, bounded in count and time.
+
+Each session is its own `gradio_client.Client` asking its own questions through `/chat`; every
+answer is checked against the engine's own answer to the same question (greedy decoding is
+deterministic), so a lost, mixed-up or crossed answer is caught whatever the model's quality.
+
+    python tests/loadtest.py --sessions 16 --turns 3          # the full run (embedded model)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from gradio_client import Client, handle_file
+
+from metis.generation import Engine, GenerationSettings
+from metis.prompting import Message
+from metis.tiny import world
+
+MAX_NEW_TOKENS = 48
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def questions(n: int, folder: Path) -> list[dict]:
+    """n distinct held-out questions with their images saved for upload."""
+    out = []
+    for i, sample in enumerate(world.generate("test", n)):
+        path = folder / f"q{i}.png"
+        sample.image.save(path)
+        out.append(dict(text=sample.question, image=str(path), sample=sample))
+    return out
+
+
+def reference_answers(engine: Engine, qs: list[dict]) -> None:
+    for q in qs:
+        result = engine.run([Message("user", q["text"], [q["sample"].image])],
+                            GenerationSettings(max_new_tokens=MAX_NEW_TOKENS))
+        q["expected"] = result.answer
+
+
+def text_of(message: dict) -> str:
+    """Gradio 6 sends message content as a list of blocks."""
+    content = message["content"]
+    if isinstance(content, list):
+        content = "".join(block.get("text", "") for block in content if isinstance(block, dict))
+    return str(content).strip()
+
+
+def session(url: str, qs: list[dict], timeout: float) -> list[dict]:
+    client = Client(url, verbose=False)
+    results = []
+    for q in qs:
+        start = time.perf_counter()
+        record = dict(question=q["text"], expected=q["expected"])
+        try:
+            job = client.submit(message={"text": q["text"], "files": [handle_file(q["image"])]},
+                                mode="auto", max_new_tokens=MAX_NEW_TOKENS, api_name="/chat")
+            first = None
+            for _ in job:
+                first = first if first is not None else time.perf_counter() - start
+            messages = job.result(timeout=timeout)
+            record.update(answer=text_of(messages[-1]), first_output_s=first,
+                          latency_s=time.perf_counter() - start, ok=True)
+        except Exception as exc:  # counted as failed, with the reason
+            record.update(ok=False, error=f"{type(exc).__name__}: {exc}", latency_s=time.perf_counter() - start)
+        results.append(record)
+    return results
+
+
+def run(url: str, engine: Engine, sessions: int, turns: int, timeout: float = 120.0) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        qs = questions(sessions * turns, Path(folder))
+        reference_answers(engine, qs)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(sessions) as pool:
+            per_session = list(pool.map(lambda i: session(url, qs[i * turns:(i + 1) * turns], timeout),
+                                        range(sessions)))
+        wall = time.perf_counter() - start
+    records = [r for rs in per_session for r in rs]
+    done = [r for r in records if r["ok"]]
+    latencies = sorted(r["latency_s"] for r in done)
+    firsts = sorted(r["first_output_s"] for r in done if r["first_output_s"] is not None)
+
+    def pct(xs, p):
+        return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else None
+
+    return dict(
+        sessions=sessions, turns=turns, requests=len(records), completed=len(done),
+        failed=len(records) - len(done), wrong_or_crossed=sum(r["answer"] != r["expected"] for r in done),
+        latency_p50_s=pct(latencies, 0.5), latency_p95_s=pct(latencies, 0.95),
+        first_output_p50_s=pct(firsts, 0.5), first_output_p95_s=pct(firsts, 0.95),
+        mean_latency_s=statistics.fmean(latencies) if latencies else None, wall_s=wall,
+        errors=[r["error"] for r in records if not r["ok"]][:5],
+        mismatches=[r for r in done if r["answer"] != r["expected"]][:5],
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=16)
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--model", default=None)
+    args = parser.parse_args()
+    from metis.ui import build_demo
+
+    engine = Engine.load(args.model)
+    demo = build_demo(engine)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        print(json.dumps(run(demo.local_url, engine, args.sessions, args.turns), indent=2))
+    finally:
+        demo.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""A smaller load run in CI: concurrent sessions each get their own answers, none lost or crossed."""
+
+from loadtest import free_port, run
+
+from metis.ui import build_demo
+
+
+def test_concurrent_sessions_get_their_own_answers(engine):
+    demo = build_demo(engine)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        report = run(demo.local_url, engine, sessions=4, turns=2)
+    finally:
+        demo.close()
+    assert report["failed"] == 0, report["errors"]
+    assert report["completed"] == 8 and report["wrong_or_crossed"] == 0, report["mismatches"]
