@@ -13,14 +13,16 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .prompting import PromptError
+
 MAX_FILE_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = 40_000_000  # a 30000x30000 bomb is refused before it is decoded
 MAX_ASPECT = 150  # Qwen2.5-VL's resizer refuses beyond 200:1
 MIN_SIDE = 28  # one merged patch
 
 
-class ImageError(ValueError):
-    pass
+class ImageError(PromptError):
+    """An upload that cannot become a picture: a bad request, reported like any other."""
 
 
 def load_image(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> Image.Image:

@@ -11,11 +11,9 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from PIL import Image
-
-from ..prompting import Message, PromptError
+from ..images import load_image
+from ..prompting import Message
 from ..routing import RoutingTrace
 from ..streaming import AnswerDelta, Done, Event, Failed, GenerationStats, ReasoningDelta, Routed
 
@@ -158,14 +156,6 @@ class ChatTurn:
 
 
 # -- Gradio history -> library messages ---------------------------------------------------------
-
-
-def load_image(path: str | Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except Exception as exc:  # PIL raises many types for bad files; all mean "not an image"
-        raise PromptError(f"Could not read {Path(path).name!r} as an image ({type(exc).__name__}).") from exc
 
 
 def _file_path(block) -> str | None:
