@@ -129,18 +129,34 @@ def test_route_matches_stream_decision(engine):
     assert set(trace.to_dict()) >= {"p_think", "decision", "per_layer", "mode", "threshold"}
 
 
-def test_cancel_stops_within_a_few_tokens(engine):
+def test_cancel_stops_generation_at_the_next_step(engine):
+    """The worker checks the cancel flag every decoding step; the stream ends right after."""
+    import time
+
     cancel = threading.Event()
-    tokens = 0
-    for event in engine.stream(_ask(), GenerationSettings(max_new_tokens=2000), cancel=cancel):
+    seen = 0
+    for event in engine.stream(_ask(), GenerationSettings(max_new_tokens=16384), cancel=cancel):
         if isinstance(event, (ReasoningDelta, AnswerDelta)):
-            tokens += 1
-            if tokens == 3:
+            seen += 1
+            if seen == 3:
                 cancel.set()
+                cancelled_at = time.perf_counter()
         if isinstance(event, Done):
-            done = event
-    assert done.stats.stop_reason == "cancelled" and done.stats.tokens < 10
+            done, ended_at = event, time.perf_counter()
+    assert done.stats.stop_reason == "cancelled" and done.stats.tokens < 200
+    assert ended_at - cancelled_at < 0.5
     assert not any(t.name == "metis-generate" for t in threading.enumerate())
+
+
+def test_cancel_criterion_stops_every_row():
+    from metis.generation import _Cancelled
+
+    flag = threading.Event()
+    criterion = _Cancelled(flag)
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    assert not criterion(ids, None).any()
+    flag.set()
+    assert criterion(ids, None).all()
 
 
 def test_abandoned_stream_frees_the_worker(engine):
