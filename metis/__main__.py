@@ -112,14 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None)
     p.set_defaults(func=evaluate)
 
-    try:
-        from .finetune.cli import add_arguments
-    except ImportError:
-        pass
-    else:
-        p = with_model(sub.add_parser("finetune", help="fine-tune the router on labelled queries"))
-        add_arguments(p)
-        p.set_defaults(func=finetune)
+    from .finetune.cli import add_arguments
+
+    p = sub.add_parser("finetune", help="fine-tune the router on labelled queries")
+    add_arguments(p)
+    p.set_defaults(func=finetune)
     return parser
 
 

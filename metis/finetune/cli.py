@@ -1,0 +1,83 @@
+"""`python -m metis finetune --data FILE --out DIR`: train a router, write router.safetensors + metrics.json.
+
+Exit status 0 on success, 2 when the dataset is invalid (every bad line listed on stderr), 130 when
+interrupted. Runs unchanged under `accelerate launch -m metis finetune ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tqdm import tqdm
+
+from .data import DatasetError, load_dataset
+from .features import extract_features
+from .trainer import RouterTrainer, TrainSettings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainSettings()
+    parser.add_argument("--data", required=True, help="dataset: .jsonl or .csv (text, images, label)")
+    parser.add_argument("--out", required=True, help="output folder for router.safetensors and metrics.json")
+    parser.add_argument("--model", default=None, help="checkpoint folder or Hub id (default: embedded tiny model)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--patience", type=int, default=defaults.patience, help="early stopping; 0 disables")
+    parser.add_argument("--target-ratio", type=float, default=None,
+                        help="also report the threshold that sends this share of queries to thinking")
+    parser.add_argument("--cache-dir", default=None, help="keep extracted features here for later runs")
+    parser.add_argument("--save-model", default=None, help="also save a full checkpoint with the new router here")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        settings = TrainSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                 val_fraction=args.val_fraction, seed=args.seed, patience=args.patience,
+                                 target_ratio=args.target_ratio)
+        examples = load_dataset(args.data)
+    except DatasetError as exc:
+        print(f"error: {len(exc.problems)} problem(s) in {args.data}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from ..generation import Engine
+    from .export import save_model
+
+    engine = Engine.load(args.model)
+    try:
+        with tqdm(total=len(examples), desc="features", unit="ex") as bar:
+            features = extract_features(engine, examples, args.cache_dir, lambda i, n: bar.update(1))
+        trainer = RouterTrainer(engine.model, features, settings)
+        with tqdm(total=settings.epochs, desc="epochs", unit="ep") as bar:
+            for m in trainer:
+                bar.set_postfix(loss=f"{m.train_loss:.3f}", val_acc=f"{m.val_accuracy:.3f}", auc=f"{m.val_auc:.3f}")
+                bar.update(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    result = trainer.result()
+    if not trainer.accelerator.is_main_process:  # under `accelerate launch`, one process writes
+        return 0
+    path = result.save(args.out)
+    if args.save_model:
+        save_model(engine, result.router, args.save_model)
+    s = result.summary
+    print(f"router: {path}")
+    print(f"validation accuracy {s['val_accuracy_before']:.3f} -> {s['val_accuracy_after']:.3f}, "
+          f"AUC {s['val_auc_before']:.3f} -> {s['val_auc_after']:.3f} (best epoch {s['best_epoch']})")
+    print(f"time: features {s['feature_seconds']:.1f}s, training {s['train_seconds']:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m metis.finetune.cli", description=__doc__)
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

@@ -1,0 +1,207 @@
+"""Router fine-tuning data: one query per line, labelled with the expert it should go to.
+
+JSONL: `{"text": "...", "images": ["img/a.png"], "label": "think"}` (images optional).
+CSV: columns `text,images,label`, several images separated by `;`.
+
+Everything is checked before any training starts, and every bad line is reported at once (a
+person fixing a file wants the whole list, not one error per attempt). Image paths are relative
+to the dataset's folder and may not leave it: an uploaded dataset must not read server files.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from ..prompting import Message
+
+LABELS = ("think", "direct")
+MAX_BYTES = 20 * 1024 * 1024
+MAX_LINES = 20_000
+MAX_IMAGES = 8
+MAX_TEXT_CHARS = 8000
+MAX_UNPACKED_BYTES = 200 * 1024 * 1024
+MAX_ZIP_MEMBERS = 20_000
+DATA_SUFFIXES = (".jsonl", ".json", ".csv")
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used; `problems` lists every bad line ("line N: reason")."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{len(problems)} problem(s) in the dataset:\n" + "\n".join(problems))
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    images: tuple[Path, ...]
+    label: str  # "think" or "direct"
+    line: int
+
+    def messages(self) -> list[Message]:
+        """The single user turn the router sees for this query."""
+        images = []
+        for path in self.images:
+            with Image.open(path) as img:
+                images.append(img.convert("RGB"))
+        return [Message("user", self.text, images)]
+
+
+def _rows(path: Path) -> list[tuple[int, dict | str]]:
+    """(line number, record) per non-blank line; a record is a dict or a parse-error message."""
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not {"text", "label"} <= set(reader.fieldnames):
+                return [(1, "CSV header must name the columns text, label (and optionally images), "
+                            f"got {reader.fieldnames}")]
+            rows = []
+            for record in reader:
+                images = (record.get("images") or "").strip()
+                record["images"] = [p.strip() for p in images.split(";") if p.strip()]
+                rows.append((reader.line_num, record))
+            return rows
+    rows = []
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            rows.append((number, f"bad JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        rows.append((number, record if isinstance(record, dict) else "a line must be a JSON object"))
+    return rows
+
+
+def _check_image(root: Path, name, readable: dict[Path, str | None]) -> tuple[Path | None, str | None]:
+    if not isinstance(name, str) or not name:
+        return None, f"image entries must be non-empty path strings, got {name!r}"
+    path = (root / name).resolve()
+    if not path.is_relative_to(root):
+        return None, f"image path {name!r} is outside the dataset's folder"
+    if path not in readable:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+            readable[path] = None
+        except (OSError, SyntaxError, ValueError) as exc:
+            readable[path] = f"unreadable image {name!r} ({type(exc).__name__})"
+    return path, readable[path]
+
+
+def _check_record(record: dict, number: int, root: Path, readable: dict) -> tuple[Example | None, list[str]]:
+    problems = []
+    text, label, names = record.get("text"), record.get("label"), record.get("images", [])
+    if not isinstance(text, str) or not text.strip():
+        problems.append("missing field 'text'" if text is None else "field 'text' must be a non-empty string")
+    elif len(text) > MAX_TEXT_CHARS:
+        problems.append(f"text too long ({len(text)} characters, at most {MAX_TEXT_CHARS})")
+    if label is None:
+        problems.append("missing field 'label'")
+    elif label not in LABELS:
+        problems.append(f"unknown label {label!r} (expected one of {', '.join(LABELS)})")
+    if not isinstance(names, list):
+        problems.append("field 'images' must be a list of paths")
+        names = []
+    elif len(names) > MAX_IMAGES:
+        problems.append(f"too many images ({len(names)}, at most {MAX_IMAGES})")
+        names = []
+    paths = []
+    for name in names:
+        path, problem = _check_image(root, name, readable)
+        paths.append(path)
+        if problem:
+            problems.append(problem)
+    if problems:
+        return None, problems
+    return Example(text, tuple(paths), label, number), []
+
+
+def load_dataset(path: str | Path) -> list[Example]:
+    """Parse and validate a .jsonl or .csv dataset; raises one DatasetError listing every problem."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise DatasetError([f"{path.name}: no such file"])
+    if path.suffix.lower() not in DATA_SUFFIXES:
+        raise DatasetError([f"{path.name}: expected a .jsonl or .csv file"])
+    if (size := path.stat().st_size) > MAX_BYTES:
+        raise DatasetError([f"{path.name}: file too large ({size / 2**20:.1f} MiB, at most {MAX_BYTES // 2**20} MiB)"])
+    try:
+        rows = _rows(path)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError([f"{path.name}: cannot be read as UTF-8 text ({exc})"]) from exc
+    if len(rows) > MAX_LINES:
+        raise DatasetError([f"{path.name}: too many lines ({len(rows)}, at most {MAX_LINES})"])
+    examples, problems, readable = [], [], {}
+    for number, record in rows:
+        if isinstance(record, str):
+            problems.append(f"line {number}: {record}")
+            continue
+        example, found = _check_record(record, number, path.parent, readable)
+        problems += [f"line {number}: {p}" for p in found]
+        if example:
+            examples.append(example)
+    if not rows:
+        problems.append(f"{path.name}: the dataset is empty")
+    if problems:
+        raise DatasetError(problems)
+    return examples
+
+
+def dataset_hash(examples: list[Example]) -> str:
+    """Content hash (texts, labels, image bytes): the feature cache key's data half."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(json.dumps([ex.text, ex.label]).encode())
+        for path in ex.images:
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def _unzip(archive: Path, dest: Path) -> None:
+    """Extract with the limits an upload needs: no path leaving `dest`, bounded size and count."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = [m for m in zf.infolist() if not m.is_dir()]
+            if len(members) > MAX_ZIP_MEMBERS:
+                raise DatasetError([f"{archive.name}: too many files ({len(members)}, at most {MAX_ZIP_MEMBERS})"])
+            if (size := sum(m.file_size for m in members)) > MAX_UNPACKED_BYTES:
+                raise DatasetError([f"{archive.name}: unpacks to {size / 2**20:.0f} MiB, at most "
+                                    f"{MAX_UNPACKED_BYTES // 2**20} MiB"])
+            bad = [m.filename for m in members if not (dest / m.filename).resolve().is_relative_to(dest)]
+            if bad:
+                raise DatasetError([f"{archive.name}: entry {name!r} would land outside the dataset folder"
+                                    for name in bad])
+            zf.extractall(dest, members)
+    except zipfile.BadZipFile as exc:
+        raise DatasetError([f"{archive.name}: not a valid zip file ({exc})"]) from exc
+
+
+def unpack_upload(files: list[str | Path], dest: str | Path) -> Path:
+    """Gather uploaded files into `dest` and return the one dataset file among them.
+
+    A zip keeps its folders; loose files are copied side by side, so their image paths must be
+    plain file names.
+    """
+    dest = Path(dest).resolve()
+    dest.mkdir(parents=True, exist_ok=True)
+    for file in map(Path, files):
+        if file.suffix.lower() == ".zip":
+            _unzip(file, dest)
+        else:
+            shutil.copy(file, dest / file.name)
+    found = sorted(p for p in dest.rglob("*") if p.suffix.lower() in DATA_SUFFIXES and "__MACOSX" not in p.parts)
+    if len(found) != 1:
+        names = ", ".join(str(p.relative_to(dest)) for p in found) or "none"
+        raise DatasetError([f"expected exactly one .jsonl or .csv dataset file among the uploads, found {names}"])
+    return found[0]

@@ -1,0 +1,101 @@
+"""Router features: each MoE layer's input, mean-pooled over the prompt, computed once per example.
+
+Only the gates learn and a gate is linear, so `mean(gate(x)) == gate(mean(x))`: the pooled input of
+every MoE layer is all the router ever needs, and epochs then cost a few matrix products instead
+of a forward pass each. The prefill sends each example through the expert of its label, so later
+layers see the hidden states they will see once the router routes it correctly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data import Example, dataset_hash
+
+_MEMORY: dict[str, "Features"] = {}  # newest last; 7B-model features are ~200 MB per 500 examples
+MEMORY_ENTRIES = 4
+
+
+class Cancelled(Exception):
+    """The person cancelled the run before it produced a result."""
+
+
+@dataclass
+class Features:
+    inputs: torch.Tensor  # [examples, MoE layers, hidden], float32
+    targets: torch.Tensor  # [examples] expert index of each label
+    seconds: float  # time spent extracting (0 when served from a cache)
+    cached: bool = False
+
+
+def model_fingerprint(engine) -> str:
+    """Cheap hash of everything a feature depends on: config, prompt settings and non-gate weights
+    (their float64 sums: one pass over the weights, no copy of them)."""
+    model = engine.model
+    digest = hashlib.sha256(model.config.to_json_string().encode())
+    digest.update(repr((engine.prompts.system_prompt, engine.prompts.config)).encode())
+    for name, p in model.named_parameters():
+        if not name.endswith("mlp.gate.weight"):
+            digest.update(f"{name}{tuple(p.shape)}{torch.sum(p.detach(), dtype=torch.float64).item():.10e}".encode())
+    return digest.hexdigest()[:16]
+
+
+def extract_features(engine, examples: list[Example], cache_dir: str | Path | None = None,
+                     progress: Callable[[int, int], None] | None = None,
+                     cancel: threading.Event | None = None) -> Features:
+    """One forced-expert prefill per example through the engine (so it takes its turn with chat
+    users), with hooks recording this thread's MoE-block inputs. Cached in memory, and on disk
+    under `cache_dir` when given, keyed by model fingerprint + data hash."""
+    key = f"{model_fingerprint(engine)}-{dataset_hash(examples)}"
+    file = Path(cache_dir) / f"features-{key}.safetensors" if cache_dir else None
+    if key not in _MEMORY and file and file.exists():
+        saved = load_file(str(file))
+        _remember(key, Features(saved["inputs"], saved["targets"], 0.0))
+    if key in _MEMORY:
+        return replace(_MEMORY[key], cached=True)
+
+    start = time.perf_counter()
+    owner = threading.get_ident()
+    pooled: list[torch.Tensor] = []
+
+    def record(module, args):
+        if threading.get_ident() == owner:  # other users' generation threads run the same modules
+            pooled.append(args[0].detach().float().mean(dim=1))  # batch of one: every token is prompt
+
+    hooks = [block.register_forward_pre_hook(record) for block in engine.model.moe_blocks()]
+    rows = []
+    try:
+        for i, example in enumerate(examples):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("cancelled during feature extraction")
+            pooled.clear()
+            engine.route(example.messages(), mode=example.label)
+            rows.append(torch.cat(pooled).cpu())
+            if progress:
+                progress(i + 1, len(examples))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    inputs = torch.stack(rows)
+    think = engine.model.config.thinking_expert
+    targets = torch.tensor([think if ex.label == "think" else 1 - think for ex in examples])
+    if file:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"inputs": inputs, "targets": targets}, str(file))
+    _remember(key, Features(inputs, targets, 0.0))
+    return replace(_MEMORY[key], seconds=time.perf_counter() - start)
+
+
+def _remember(key: str, features: Features) -> None:
+    _MEMORY.pop(key, None)
+    _MEMORY[key] = features
+    while len(_MEMORY) > MEMORY_ENTRIES:
+        _MEMORY.pop(next(iter(_MEMORY)))

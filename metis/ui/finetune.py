@@ -1,0 +1,186 @@
+"""Gradio tab: fine-tune the router on an uploaded (or the sample) dataset and chat with the result.
+
+The handlers live on `FinetuneTab` so tests can call them directly. One run at a time per server
+(`concurrency_id="finetune"`, limit 1); queued users see their position. The trained router is an
+opaque object to this module: it is stored as-is in the session's router state, which the chat
+tab hands to the engine, so only this browser session uses it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+
+import gradio as gr
+import plotly.graph_objects as go
+
+from ..finetune.data import DatasetError, load_dataset, unpack_upload
+from ..finetune.features import Cancelled, extract_features
+from ..finetune.sample import SAMPLE_FILE
+from ..finetune.trainer import RouterTrainer, TrainSettings
+
+# (minimum, maximum, step, default) of each slider, kept inside TrainSettings.LIMITS
+SLIDERS = {
+    "epochs": (1, 200, 1, TrainSettings.epochs),
+    "lr": (1e-4, 0.1, 1e-4, TrainSettings.lr),
+    "batch_size": (4, 256, 4, TrainSettings.batch_size),
+    "val_fraction": (0.1, 0.5, 0.05, TrainSettings.val_fraction),
+    "patience": (0, 50, 1, TrainSettings.patience),
+    "target_ratio": (0.0, 1.0, 0.05, 0.5),
+}
+
+
+def curves_figure(history) -> go.Figure:
+    epochs = [m.epoch for m in history]
+    fig = go.Figure()
+    fig.add_scatter(x=epochs, y=[m.train_loss for m in history], name="train loss")
+    fig.add_scatter(x=epochs, y=[m.val_loss for m in history], name="validation loss")
+    fig.add_scatter(x=epochs, y=[m.val_accuracy for m in history], name="validation accuracy", yaxis="y2")
+    fig.update_layout(xaxis_title="epoch", yaxis=dict(title="loss"), height=320,
+                      yaxis2=dict(title="accuracy", overlaying="y", side="right", range=[0, 1]),
+                      margin=dict(t=30, b=30), legend=dict(orientation="h"))
+    return fig
+
+
+def sweep_figure(sweep: list[dict]) -> go.Figure:
+    fig = go.Figure()
+    x = [row["threshold"] for row in sweep]
+    fig.add_scatter(x=x, y=[row["accuracy"] for row in sweep], name="accuracy")
+    fig.add_scatter(x=x, y=[row["think_ratio"] for row in sweep], name="share sent to thinking")
+    fig.update_layout(xaxis_title="routing threshold", yaxis=dict(range=[0, 1]), height=300,
+                      margin=dict(t=30, b=30), legend=dict(orientation="h"))
+    return fig
+
+
+def summary_markdown(s: dict) -> str:
+    lines = [
+        f"**Validation accuracy** {s['val_accuracy_before']:.1%} → **{s['val_accuracy_after']:.1%}** "
+        f"(threshold {s['threshold']}); AUC {s['val_auc_before']:.3f} → {s['val_auc_after']:.3f}",
+        f"{s['examples']['train']} training / {s['examples']['val']} validation queries, best epoch "
+        f"{s['best_epoch']}{' (cancelled)' if s['cancelled'] else ''}",
+        f"Time: features {s['feature_seconds']:.1f} s{' (cached)' if s['features_cached'] else ''}, "
+        f"training {s['train_seconds']:.1f} s",
+    ]
+    if s["target_threshold"] is not None:
+        lines.append(f"Threshold for {s['target_ratio']:.0%} thinking: {s['target_threshold']:.3f}")
+    return "\n\n".join(lines)
+
+
+def confusion_rows(s: dict) -> list[list]:
+    return [[key.replace("->", " → "), s["confusion_before"][key], s["confusion_after"][key]]
+            for key in s["confusion_after"]]
+
+
+def _unchanged() -> tuple:
+    """Updates leaving the six outputs after the status as they are."""
+    return (gr.update(),) * 6
+
+
+class FinetuneTab:
+    """Handlers of the tab; `cancels` maps a browser session to its run's cancel event."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.cancels: dict[str, threading.Event] = {}
+
+    def start(self, files, use_sample, epochs, lr, batch_size, val_fraction, seed, patience, target_ratio,
+              request: gr.Request, progress=gr.Progress()):
+        """Generator of (status, curves, summary, sweep, confusion, result, download) updates."""
+        nothing = _unchanged()
+        try:
+            settings = TrainSettings(epochs=int(epochs), lr=float(lr), batch_size=int(batch_size),
+                                     val_fraction=float(val_fraction), seed=int(seed), patience=int(patience),
+                                     target_ratio=float(target_ratio))
+            if files:
+                data = unpack_upload(files, tempfile.mkdtemp(prefix="metis-finetune-data-"))
+            elif use_sample:
+                data = SAMPLE_FILE
+            else:
+                raise DatasetError(["upload a dataset (.jsonl/.csv with its images, or a zip) or tick the sample"])
+            examples = load_dataset(data)
+        except DatasetError as exc:
+            yield ("### The dataset cannot be used\n" + "\n".join(f"- {p}" for p in exc.problems), *nothing)
+            return
+        except ValueError as exc:
+            yield (f"### Invalid settings\n{exc}", *nothing)
+            return
+        cancel = self.cancels[request.session_hash] = threading.Event()
+        try:
+            yield from self._run(examples, settings, cancel, progress)
+        finally:
+            self.cancels.pop(request.session_hash, None)
+
+    def _run(self, examples, settings: TrainSettings, cancel: threading.Event, progress):
+        nothing = _unchanged()
+        yield (f"Extracting router features of {len(examples)} queries…", *nothing)
+        try:
+            features = extract_features(
+                self.engine, examples, cancel=cancel,
+                progress=lambda i, n: progress((i, n), desc="features (one prefill per query)"))
+        except Cancelled:
+            yield ("Cancelled.", *nothing)
+            return
+        trainer = RouterTrainer(self.engine.model, features, settings, cancel)
+        for m in progress.tqdm(trainer, total=settings.epochs, desc="epochs"):
+            status = f"Epoch {m.epoch}/{settings.epochs}: validation accuracy {m.val_accuracy:.1%}"
+            yield (status, curves_figure(trainer.history), *nothing[1:])
+        result = trainer.result()
+        s = result.summary
+        router_file = result.save(tempfile.mkdtemp(prefix="metis-finetune-run-"))
+        status = "Cancelled: showing the best epoch so far." if s["cancelled"] else "Done."
+        yield (status, curves_figure(result.history), summary_markdown(s), sweep_figure(s["threshold_sweep"]),
+               confusion_rows(s), result, gr.update(value=str(router_file), visible=True))
+
+    def cancel(self, request: gr.Request) -> str:
+        event = self.cancels.get(request.session_hash)
+        if event is None:
+            return "Nothing to cancel."
+        event.set()
+        return "Cancelling…"
+
+    @staticmethod
+    def use_in_chat(result):
+        """Hand the router to this session's chat (the opaque object travels unopened)."""
+        if result is None:
+            return gr.update(), "Train a router first."
+        return result.router, "The chat tab now uses the fine-tuned router (this browser session only)."
+
+
+def build_finetune_tab(engine, session_router: gr.State) -> FinetuneTab:
+    """Lay the tab's components out in the current Blocks/Tab context and wire the handlers."""
+    tab = FinetuneTab(engine)
+    gr.Markdown("Fine-tune only the **router** on labelled queries (`think` or `direct`); the experts stay "
+                "frozen. Upload a `.jsonl`/`.csv` (columns `text`, `images`, `label`) with its images, or "
+                "a zip of its folder.")
+    with gr.Row():
+        files = gr.File(label="Dataset", file_count="multiple", type="filepath",
+                        file_types=[".jsonl", ".json", ".csv", ".zip", ".png", ".jpg", ".jpeg", ".webp"])
+        with gr.Column():
+            use_sample = gr.Checkbox(label="Use the sample dataset when nothing is uploaded", value=True)
+            seed = gr.Number(label="seed", value=TrainSettings.seed, precision=0, minimum=0, maximum=2**31 - 1)
+    with gr.Row():
+        sliders = {name: gr.Slider(lo, hi, value=default, step=step, label=name.replace("_", " "))
+                   for name, (lo, hi, step, default) in SLIDERS.items()}
+    with gr.Row():
+        start = gr.Button("Start", variant="primary")
+        stop = gr.Button("Cancel", variant="stop")
+    status = gr.Markdown()
+    curves = gr.Plot(label="Training curves")
+    summary = gr.Markdown()
+    with gr.Row():
+        sweep = gr.Plot(label="Threshold sweep (validation)")
+        confusion = gr.Dataframe(headers=["label → routed", "before", "after"], label="Confusion (validation)",
+                                 interactive=False)
+    result = gr.State(None)
+    with gr.Row():
+        use = gr.Button("Use in chat")
+        download = gr.DownloadButton("Download router", visible=False)
+    s = sliders
+    start.click(tab.start,
+                [files, use_sample, s["epochs"], s["lr"], s["batch_size"], s["val_fraction"], seed, s["patience"],
+                 s["target_ratio"]],
+                [status, curves, summary, sweep, confusion, result, download],
+                concurrency_limit=1, concurrency_id="finetune", show_progress="full")
+    stop.click(tab.cancel, None, status, queue=False)
+    use.click(tab.use_in_chat, result, [session_router, status])
+    return tab
