@@ -4,7 +4,7 @@ Each session is its own `gradio_client.Client` asking its own questions through 
 answer is checked against the engine's own answer to the same question (greedy decoding is
 deterministic), so a lost, mixed-up or crossed answer is caught whatever the model's quality.
 
-    python tests/loadtest.py --sessions 16 --turns 3          # the full run (embedded model)
+    python -m tests.loadtest --sessions 16 --turns 3          # the full run (embedded model)
 """
 
 from __future__ import annotations
