@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = ROOT / "assets" / "metis-home-tiny"
 EMBEDDED_NAMES = ("", "tiny", "embedded", "default")
 HUB_MODEL = "mmthinking/Metis-HOME"
+SMALL_CPU_MODEL = 100_000_000  # parameters; see pick_cpu_threads
 PREPROCESSING_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "preprocessor_config.json", "chat_template.json", "chat_template.jinja", "added_tokens.json",
@@ -51,6 +52,7 @@ class ModelInfo:
     params_per_expert: int
     memory_bytes: int
     routing: str
+    cpu_threads: int  # torch's intra-op threads in this process
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,9 +157,21 @@ def _flash_attn_imports() -> bool:
     return True
 
 
+def pick_cpu_threads(model, threads: int | None) -> int:
+    """Intra-op threads for a model on CPU. A small model's decode step is many tiny ops: more
+    OpenMP threads do not speed it up, and from the engine's worker thread (any thread but the
+    one that first used torch) they slow it by ~25% (BENCHMARKS.md), so small models get one.
+    Large ones keep torch's default, which their matmuls use."""
+    if threads is not None:
+        return threads
+    return 1 if model.num_parameters() < SMALL_CPU_MODEL else torch.get_num_threads()
+
+
 def load(spec: str | None = None, device: str | None = None, dtype: str | None = None,
-         attn_implementation: str | None = None, allow_pickle: bool = False):
-    """-> (model, tokenizer, image_processor, prompt_config, info), the arguments of `Engine`."""
+         attn_implementation: str | None = None, allow_pickle: bool = False, cpu_threads: int | None = None):
+    """-> (model, tokenizer, image_processor, prompt_config, info), the arguments of `Engine`.
+
+    On CPU this sets torch's intra-op threads for the process (`pick_cpu_threads`)."""
     path = resolve_checkpoint(spec)
     config = MetisHomeConfig.from_pretrained(path)
     shapes = checkpoint_shapes(path, allow_pickle)
@@ -172,6 +186,8 @@ def load(spec: str | None = None, device: str | None = None, dtype: str | None =
     )
     if not placement:
         model.to(device)
+    if device == "cpu":
+        torch.set_num_threads(pick_cpu_threads(model, cpu_threads))
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
@@ -197,6 +213,7 @@ def describe(model: MetisHomeForConditionalGeneration, checkpoint: str, attn: st
         params_per_expert=per_expert[0] if per_expert else 0,
         memory_bytes=model.get_memory_footprint(),
         routing="once per query: first MoE layer's gate, mean over the prompt, held while decoding",
+        cpu_threads=torch.get_num_threads(),
     )
 
 

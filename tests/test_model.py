@@ -173,6 +173,18 @@ def test_load_reads_expert_width_from_checkpoint(tiny_checkpoint, tmp_path):
     assert info.num_experts == 2 and info.params_per_expert > 0
 
 
+def test_cpu_threads_one_for_small_models_unless_asked(tiny_checkpoint):
+    """Small models decode faster on one intra-op thread from the engine's worker thread."""
+    before = torch.get_num_threads()
+    try:
+        *_, info = load(str(tiny_checkpoint), device="cpu")
+        assert info.cpu_threads == torch.get_num_threads() == 1
+        *_, info = load(str(tiny_checkpoint), device="cpu", cpu_threads=2)
+        assert info.cpu_threads == torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def _copy_with_weights(src: Path, dst: Path, edit) -> Path:
     for f in src.iterdir():
         if f.suffix != ".safetensors":

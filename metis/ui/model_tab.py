@@ -16,6 +16,7 @@ LABELS = {
     "params_per_expert": "Parameters per expert (FFN copies)",
     "memory_bytes": "Weights in memory",
     "routing": "Routing",
+    "cpu_threads": "CPU threads (torch intra-op)",
 }
 
 
