@@ -1,6 +1,6 @@
 """GPU: the full-size Metis-HOME (random bf16 weights) at batch 1.
 
-The architecture is the published config (`shared/reference/metis-home-config.json`) with the
+The architecture is the published config (`assets/reference/metis-home-config.json`, the `config.json` of `mmthinking/Metis-HOME`) with the
 expert width the checkpoint really has (18944, a copy of Qwen2.5-VL-7B's MLP) and no shared
 expert. Batch-1 decoding is memory-bound, so tokens/s is compared with the bound set by reading
 every weight one token touches once per step at the measured copy bandwidth. Variants that fail
@@ -22,7 +22,7 @@ from metis.modeling import MetisHomeForConditionalGeneration
 
 from .common import Clock
 
-REFERENCE = Path(__file__).resolve().parent.parent.parent / "shared" / "reference" / "metis-home-config.json"
+REFERENCE = Path(__file__).resolve().parent.parent / "assets" / "reference" / "metis-home-config.json"
 QWEN25_VL_MAX_PIXELS = 12845056  # Qwen2.5-VL-7B's preprocessor bound: a 1080p frame keeps its resolution
 
 
