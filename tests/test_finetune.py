@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import tempfile
 import threading
 import zipfile
 from types import SimpleNamespace
@@ -184,8 +185,8 @@ def test_cli(tiny_checkpoint, tmp_path, capsys):
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["target_threshold"] is not None
 
 
-def run_tab(tab, files, use_sample=False, epochs=3):
-    request = SimpleNamespace(session_hash="test")
+def run_tab(tab, files, use_sample=False, epochs=3, session="test"):
+    request = SimpleNamespace(session_hash=session)
     return list(tab.start(files, use_sample, epochs, 0.05, 16, 0.2, 0, 0, 0.5, request=request))
 
 
@@ -205,6 +206,17 @@ def test_tab_handlers(engine, tmp_path):
     assert tab.cancel(SimpleNamespace(session_hash="test")) == "Nothing to cancel."  # the run is over
 
 
+def test_tab_removes_the_unpacked_upload(engine, tmp_path, monkeypatch):
+    from metis.ui.finetune import FinetuneTab
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "label": "think"} for t in THINK]
+                       + [{"text": t, "label": "direct"} for t in DIRECT])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert run_tab(FinetuneTab(engine), [str(data)], epochs=2)[-1][0] == "Done."
+    assert not list((tmp_path / "tmp").glob("metis-finetune-data-*"))
+
+
 def test_tab_cancel(engine):
     from metis.ui.finetune import FinetuneTab
 
@@ -216,6 +228,20 @@ def test_tab_cancel(engine):
         if status.startswith("Epoch 2/"):
             assert tab.cancel(request) == "Cancelling…"
     assert status.startswith("Cancelled") and "c" not in tab.cancels
+
+
+def test_tab_cancel_while_queued(engine):
+    """Cancel pressed while the run waits for the slot: it never starts, and the next one does."""
+    from metis.ui.finetune import FinetuneTab
+
+    tab = FinetuneTab(engine)
+    request = SimpleNamespace(session_hash="q")
+    assert "Waiting" in tab.enqueue(request)
+    assert tab.cancel(request) == "Cancelling…"
+    (status, *_), = tab.start([], True, 3, 0.05, 16, 0.2, 0, 0, 0.5, request=request)
+    assert status == "Cancelled before it started." and "q" not in tab.cancels
+    tab.enqueue(request)
+    assert run_tab(tab, [], use_sample=True, epochs=2, session="q")[-1][0] == "Done."
 
 
 def test_tab_through_gradio_client(engine, tmp_path):

@@ -83,32 +83,46 @@ class FinetuneTab:
         self.engine = engine
         self.cancels: dict[str, threading.Event] = {}
 
+    def enqueue(self, request: gr.Request) -> str:
+        """Runs at click time, ahead of the queue, so Cancel reaches a run that is still waiting."""
+        self.cancels[request.session_hash] = threading.Event()
+        return "Waiting for the fine-tuning slot (one run at a time)…"
+
     def start(self, files, use_sample, epochs, lr, batch_size, val_fraction, seed, patience, target_ratio,
               request: gr.Request, progress=gr.Progress()):
         """Generator of (status, curves, summary, sweep, confusion, result, download) updates."""
-        nothing = _unchanged()
+        cancel = self.cancels.setdefault(request.session_hash, threading.Event())  # API calls skip enqueue
         try:
-            settings = TrainSettings(epochs=int(epochs), lr=float(lr), batch_size=int(batch_size),
-                                     val_fraction=float(val_fraction), seed=int(seed), patience=int(patience),
-                                     target_ratio=float(target_ratio))
-            if files:
-                data = unpack_upload(files, tempfile.mkdtemp(prefix="metis-finetune-data-"))
-            elif use_sample:
-                data = SAMPLE_FILE
-            else:
-                raise DatasetError(["upload a dataset (.jsonl/.csv with its images, or a zip) or tick the sample"])
-            examples = load_dataset(data)
-        except DatasetError as exc:
-            yield ("### The dataset cannot be used\n" + "\n".join(f"- {p}" for p in exc.problems), *nothing)
-            return
-        except ValueError as exc:
-            yield (f"### Invalid settings\n{exc}", *nothing)
-            return
-        cancel = self.cancels[request.session_hash] = threading.Event()
-        try:
-            yield from self._run(examples, settings, cancel, progress)
+            yield from self._start(files, use_sample, epochs, lr, batch_size, val_fraction, seed, patience,
+                                   target_ratio, cancel, progress)
         finally:
             self.cancels.pop(request.session_hash, None)
+
+    def _start(self, files, use_sample, epochs, lr, batch_size, val_fraction, seed, patience, target_ratio,
+               cancel: threading.Event, progress):
+        nothing = _unchanged()
+        if cancel.is_set():
+            yield ("Cancelled before it started.", *nothing)
+            return
+        with tempfile.TemporaryDirectory(prefix="metis-finetune-data-") as folder:  # an upload lives for its run
+            try:
+                settings = TrainSettings(epochs=int(epochs), lr=float(lr), batch_size=int(batch_size),
+                                         val_fraction=float(val_fraction), seed=int(seed), patience=int(patience),
+                                         target_ratio=float(target_ratio))
+                if files:
+                    data = unpack_upload(files, folder)
+                elif use_sample:
+                    data = SAMPLE_FILE
+                else:
+                    raise DatasetError(["upload a dataset (.jsonl/.csv with its images, or a zip) or tick the sample"])
+                examples = load_dataset(data)
+            except DatasetError as exc:
+                yield ("### The dataset cannot be used\n" + "\n".join(f"- {p}" for p in exc.problems), *nothing)
+                return
+            except ValueError as exc:
+                yield (f"### Invalid settings\n{exc}", *nothing)
+                return
+            yield from self._run(examples, settings, cancel, progress)
 
     def _run(self, examples, settings: TrainSettings, cancel: threading.Event, progress):
         nothing = _unchanged()
@@ -176,7 +190,8 @@ def build_finetune_tab(engine, session_router: gr.State) -> FinetuneTab:
         use = gr.Button("Use in chat")
         download = gr.DownloadButton("Download router", visible=False)
     s = sliders
-    start.click(tab.start,
+    start.click(tab.enqueue, None, status, queue=False).then(
+                tab.start,
                 [files, use_sample, s["epochs"], s["lr"], s["batch_size"], s["val_fraction"], seed, s["patience"],
                  s["target_ratio"]],
                 [status, curves, summary, sweep, confusion, result, download],
