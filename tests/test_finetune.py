@@ -217,6 +217,23 @@ def test_tab_removes_the_unpacked_upload(engine, tmp_path, monkeypatch):
     assert not list((tmp_path / "tmp").glob("metis-finetune-data-*"))
 
 
+def test_tab_failed_run_says_why_and_leaves_the_router(engine, monkeypatch):
+    from metis.ui import finetune as tab_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    before = {k: v.clone() for k, v in engine.model.router_state_dict().items()}
+    tab = tab_module.FinetuneTab(engine)
+    monkeypatch.setattr(tab_module.RouterTrainer, "result", broken)
+    status, *_ = run_tab(tab, [], use_sample=True, epochs=2)[-1]
+    assert status.startswith("### The run failed") and "RuntimeError: disk full" in status
+    assert "Traceback" not in status and "test" not in tab.cancels
+    assert all(torch.equal(v, before[k]) for k, v in engine.model.router_state_dict().items())
+    monkeypatch.undo()
+    assert run_tab(tab, [], use_sample=True, epochs=2)[-1][0] == "Done."  # the next run works
+
+
 def test_tab_cancel(engine):
     from metis.ui.finetune import FinetuneTab
 

@@ -24,7 +24,8 @@ def build_demo(engine_or_error) -> gr.Blocks:
     runner = Runner(engine_or_error)
     info = engine_or_error.info.to_dict() if runner.available else None
     threshold = engine_or_error.model.config.routing_threshold if runner.available else 0.5
-    with gr.Blocks(title=TITLE) as demo:
+    # uploads and generated files: swept hourly once a day old, so a public server's disk stays bounded
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(
             f"# {TITLE}\nA router sends each question either to a **thinking expert**, which reasons "
             "step by step before answering, or to a **direct expert**, which answers at once. "

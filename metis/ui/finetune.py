@@ -8,6 +8,7 @@ tab hands to the engine, so only this browser session uses it.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import threading
 
@@ -18,6 +19,8 @@ from ..finetune.data import DatasetError, load_dataset, unpack_upload
 from ..finetune.features import Cancelled, extract_features
 from ..finetune.sample import SAMPLE_FILE
 from ..finetune.trainer import RouterTrainer, TrainSettings
+
+log = logging.getLogger(__name__)
 
 # (minimum, maximum, step, default) of each slider, kept inside TrainSettings.LIMITS
 SLIDERS = {
@@ -122,7 +125,12 @@ class FinetuneTab:
             except ValueError as exc:
                 yield (f"### Invalid settings\n{exc}", *nothing)
                 return
-            yield from self._run(examples, settings, cancel, progress)
+            try:
+                yield from self._run(examples, settings, cancel, progress)
+            except Exception as exc:  # the server and the chat's router carry on as they were
+                log.exception("fine-tuning run failed")
+                yield (f"### The run failed\n{type(exc).__name__}: {exc}\n\nThe chat's router is unchanged.",
+                       *nothing)
 
     def _run(self, examples, settings: TrainSettings, cancel: threading.Event, progress):
         nothing = _unchanged()
