@@ -100,14 +100,16 @@ def decode_settings(engine: Engine, new_tokens: int) -> dict:
 
 @contextlib.contextmanager
 def fixed_length(model, new_tokens: int):
-    """Force exactly `new_tokens` tokens from callers that cannot pass `min_new_tokens` (the engine),
-    so random or early-stopping models still produce comparable work."""
-    saved = model.generation_config.min_new_tokens
-    model.generation_config.min_new_tokens = new_tokens
+    """Force exactly `new_tokens` tokens from callers that cannot pass `min_new_tokens` (the engine):
+    no end of sequence and no stop string, so random or early-stopping models still produce
+    comparable work."""
+    config = model.generation_config
+    saved = config.min_new_tokens, config.stop_strings
+    config.min_new_tokens, config.stop_strings = new_tokens, None
     try:
         yield
     finally:
-        model.generation_config.min_new_tokens = saved
+        config.min_new_tokens, config.stop_strings = saved
 
 
 class Clock(BaseStreamer):

@@ -136,8 +136,8 @@ def serve(port: int, model: str, new_tokens: int) -> None:
     sys.path.insert(0, str(ROOT))
     import app  # noqa: PLC0415  (the app loads its model at import)
 
-    app.engine.model.generation_config.min_new_tokens = new_tokens
-    app.demo.launch(server_name="127.0.0.1", server_port=port)
+    with fixed_length(app.engine.model, new_tokens):
+        app.demo.launch(server_name="127.0.0.1", server_port=port)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 from .prompting import Message, PromptBuilder
 from .routing import MODES, RoutingTrace
 from .streaming import (
+    ANSWER_CLOSE,
     THINK_CLOSE,
     AnswerDelta,
     Done,
@@ -30,6 +31,7 @@ from .streaming import (
     GenerationStats,
     IncrementalDecoder,
     OutputParser,
+    Progress,
     ReasoningDelta,
     Routed,
 )
@@ -148,7 +150,13 @@ class Engine:
         # control tokens never reach the text; the tags stay (single special tokens in small vocabularies)
         tags = {"<think>", "</think>", "<answer>", "</answer>"}
         self.hidden_ids = {i for t, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids) if t not in tags}
-        self.eos_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        # the chat turn's end and whatever else the checkpoint ends on (Qwen: also <|endoftext|>)
+        configured = model.generation_config.eos_token_id
+        configured = configured if isinstance(configured, list) else [configured] if configured is not None else []
+        self.eos_ids = sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), *configured})
+        # nothing after </answer> is shown, so generating on would only keep Stop waiting
+        if model.generation_config.stop_strings is None:
+            model.generation_config.stop_strings = [ANSWER_CLOSE]
         self.close_ids = tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]
         self._lock = threading.Lock()
 
@@ -207,6 +215,7 @@ class Engine:
                         stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
                         eos_token_id=self.eos_ids,
                         pad_token_id=self.tokenizer.pad_token_id,
+                        tokenizer=self.tokenizer,  # for the generation config's stop strings
                         use_cache=True,
                         top_k=None,
                         **sampling,
@@ -227,10 +236,15 @@ class Engine:
                 if ttft is None:
                     ttft = time.perf_counter() - start
                     yield Routed(routing.trace())
+                shown = False
                 for token in batch:
                     tokens += 1
-                    yield from parser.feed(decoder.push(token))
+                    for event in parser.feed(decoder.push(token)):
+                        shown = True
+                        yield event
                     thinking += parser.in_reasoning
+                if not shown:
+                    yield Progress(tokens)
                 last = batch[-1]
             yield from parser.finish()
         finally:
@@ -241,6 +255,8 @@ class Engine:
             reason = "error"
         elif last in self.eos_ids:
             reason = "eos"
+        elif parser.closed:
+            reason = "end_of_answer"
         elif tokens >= settings.max_new_tokens:
             reason = "max_new_tokens"
         else:

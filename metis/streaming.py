@@ -1,8 +1,8 @@
 """Typed events of one answer, and the incremental parser that produces them from model text.
 
 The UI, the CLI and the tests all consume the same events: `Routed` once the prefill has chosen
-an expert, then `ReasoningDelta`/`AnswerDelta` pieces as tokens arrive, then `Done` (or `Failed`,
-which keeps whatever was already streamed).
+an expert, then `ReasoningDelta`/`AnswerDelta` pieces as tokens arrive (`Progress` when tokens
+arrive that show no text), then `Done` (or `Failed`, which keeps whatever was already streamed).
 """
 
 from __future__ import annotations
@@ -28,12 +28,20 @@ class AnswerDelta:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """Tokens were generated but none shows as text (control tokens, text after `</answer>`).
+    Sent so a consumer still gets control while a model writes nothing visible, e.g. to Stop."""
+
+    tokens: int
+
+
+@dataclass(frozen=True)
 class GenerationStats:
     ttft_s: float  # request start -> first generated token (includes prefill and image encoding)
     total_s: float
     tokens: int
     thinking_tokens: int
-    stop_reason: str  # "eos", "max_new_tokens", "cancelled" or "error"
+    stop_reason: str  # "eos", "end_of_answer" (</answer>), "max_new_tokens", "cancelled" or "error"
 
     @property
     def tokens_per_s(self) -> float:
@@ -52,7 +60,7 @@ class Failed:
     stats: GenerationStats
 
 
-Event = Routed | ReasoningDelta | AnswerDelta | Done | Failed
+Event = Routed | ReasoningDelta | AnswerDelta | Progress | Done | Failed
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -109,6 +117,11 @@ class OutputParser:
     @property
     def in_reasoning(self) -> bool:
         return self.state == "think"
+
+    @property
+    def closed(self) -> bool:
+        """`</answer>` was written: the answer is complete."""
+        return self.state == "end"
 
     def _partial(self, tag: str) -> int:
         """Length of the longest suffix of the pending text that is a proper prefix of `tag`."""

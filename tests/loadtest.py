@@ -20,11 +20,13 @@ from pathlib import Path
 
 from gradio_client import Client, handle_file
 
+from bench.common import fixed_length
 from metis.generation import Engine, GenerationSettings
 from metis.prompting import Message
 from metis.tiny import world
 
 MAX_NEW_TOKENS = 48
+LONG_ANSWER = 16384  # ~20 s of tokens on this CPU
 
 
 def free_port() -> int:
@@ -107,6 +109,32 @@ def run(url: str, engine: Engine, sessions: int, turns: int, timeout: float = 12
     )
 
 
+def stop_frees_the_slot(url: str, engine: Engine, timeout: float = 120.0) -> dict:
+    """Session A starts a very long answer, session B queues behind it, A cancels: how soon B's
+    answer starts, and whether B still gets its own full answer. Answers are forced to full
+    length (no early end of sequence) so that A is surely still generating when it stops."""
+    with tempfile.TemporaryDirectory() as folder, fixed_length(engine.model, LONG_ANSWER):
+        q, = questions(1, Path(folder))
+        reference_answers(engine, [q])
+        message = {"text": q["text"], "files": [handle_file(q["image"])]}
+        a, b = Client(url, verbose=False), Client(url, verbose=False)
+        long = a.submit(message=message, mode="think", max_new_tokens=LONG_ANSWER, api_name="/chat")
+        deadline = time.monotonic() + timeout
+        while not long.outputs() and time.monotonic() < deadline:  # A is generating
+            time.sleep(0.02)
+        queued = b.submit(message=message, mode="auto", max_new_tokens=MAX_NEW_TOKENS, api_name="/chat")
+        time.sleep(0.5)  # B's request is in the queue behind A
+        running = not long.done()
+        stopped = time.perf_counter()
+        long.cancel()
+        first = None
+        for _ in queued:
+            first = first if first is not None else time.perf_counter() - stopped
+        answer = text_of(queued.result(timeout=timeout)[-1])
+    return dict(stopped_while_generating=running, stop_to_next_answer_s=first,
+                other_session_answer_ok=answer == q["expected"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=16)
@@ -120,7 +148,9 @@ def main() -> None:
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
-        print(json.dumps(run(demo.local_url, engine, args.sessions, args.turns), indent=2))
+        report = run(demo.local_url, engine, args.sessions, args.turns)
+        report["stop"] = stop_frees_the_slot(demo.local_url, engine)
+        print(json.dumps(report, indent=2))
     finally:
         demo.close()
 

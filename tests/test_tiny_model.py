@@ -43,3 +43,30 @@ def test_forcing_direct_on_reasoning_loses_the_chain(shipped):
     sample = next(s for s in HELD_OUT if s.family == "reasoning")
     result = shipped.run([Message("user", sample.question, [sample.image])], GenerationSettings(mode="direct"))
     assert result.trace.decision == "direct" and result.reasoning == ""
+
+
+def test_generation_ends_at_the_close_of_the_answer(shipped):
+    """Nothing after `</answer>` is shown, so nothing after it is generated."""
+    sample = HELD_OUT[0]
+    result = shipped.run([Message("user", sample.question, [sample.image])], GenerationSettings(max_new_tokens=64))
+    assert result.stats.stop_reason == "end_of_answer"
+
+
+def test_tokens_that_show_nothing_still_give_control(shipped):
+    """Forced past its answer, the model writes text nobody sees: `Progress` events keep coming,
+    so a consumer can stop it (the UI's Stop, a client's cancel) long before it ends."""
+    from bench.common import fixed_length
+    from metis.streaming import AnswerDelta, Progress
+
+    sample = HELD_OUT[0]
+    with fixed_length(shipped.model, 2000):
+        events = shipped.stream([Message("user", sample.question, [sample.image])],
+                                GenerationSettings(max_new_tokens=2000))
+        seen = []
+        for event in events:
+            seen.append(event)
+            if sum(isinstance(e, Progress) for e in seen) == 3:
+                events.close()  # what Stop does
+                break
+    assert any(isinstance(e, AnswerDelta) for e in seen)
+    assert seen[-1].tokens < 2000

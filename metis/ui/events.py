@@ -15,7 +15,7 @@ from collections.abc import Callable
 from ..images import load_image
 from ..prompting import Message
 from ..routing import RoutingTrace
-from ..streaming import AnswerDelta, Done, Event, Failed, GenerationStats, ReasoningDelta, Routed
+from ..streaming import AnswerDelta, Done, Event, Failed, GenerationStats, Progress, ReasoningDelta, Routed
 
 LATEX_DELIMITERS = [
     {"left": "$$", "right": "$$", "display": True},
@@ -106,6 +106,8 @@ class ChatTurn:
             case AnswerDelta(text):
                 self._close_thinking()
                 self.answer += text
+            case Progress():
+                pass  # nothing new to show
             case Done(stats):
                 self.stats = stats
                 self._close_thinking(stats.thinking_tokens)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from ..generation import GenerationSettings
 from ..prompting import Message
 from ..routing import RoutingTrace
-from ..streaming import AnswerDelta, ReasoningDelta
+from ..streaming import AnswerDelta, Progress, ReasoningDelta
 from .events import ChatTurn
 
 STREAM_INTERVAL_S = 0.05  # at most ~20 screen updates per second; a fast model makes hundreds of tokens
@@ -113,7 +113,7 @@ class Runner:
                     turn.stop()
                     break
                 now = time.perf_counter()
-                if not isinstance(event, ReasoningDelta | AnswerDelta) or now - last >= STREAM_INTERVAL_S:
+                if not isinstance(event, ReasoningDelta | AnswerDelta | Progress) or now - last >= STREAM_INTERVAL_S:
                     last = now
                     yield turn
         if turn.stopped:
