@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenizers.decoders import DecodeStream
+
 from .routing import RoutingTrace
 
 
@@ -147,24 +149,15 @@ class OutputParser:
 
 
 class IncrementalDecoder:
-    """Token ids -> new text per token, without re-decoding the whole answer each step and
-    without emitting half of a multi-byte character."""
+    """Token ids -> the new text of each token, never half of a multi-byte character
+    (`tokenizers`' DecodeStream: nothing is re-decoded). Control tokens show nothing."""
 
     def __init__(self, tokenizer, hidden_ids: set[int]):
-        self.tokenizer = tokenizer
+        self.backend = tokenizer.backend_tokenizer
         self.hidden = hidden_ids
-        self.ids: list[int] = []
-        self.prefix = 0  # start of the window re-decoded for context
-        self.read = 0  # end of the text already emitted
+        self.stream = DecodeStream(skip_special_tokens=False)
 
     def push(self, token_id: int) -> str:
         if token_id in self.hidden:
             return ""
-        self.ids.append(token_id)
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
-        before = decode(self.ids[self.prefix : self.read])
-        text = decode(self.ids[self.prefix :])
-        if text.endswith("\ufffd") or len(text) <= len(before):
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(before) :]
+        return self.stream.step(self.backend, token_id) or ""

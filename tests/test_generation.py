@@ -53,12 +53,13 @@ def test_strip_reasoning_from_history():
     assert strip_reasoning("<think>unfinished") == ""
 
 
-def test_incremental_decoder_matches_full_decode(engine):
+@pytest.mark.parametrize("text", ["<think>red circle, none.</think><answer>2</answer>", "héllo 😀 wörld — ٢"])
+def test_incremental_decoder_matches_full_decode(engine, text):
     tok = engine.tokenizer
-    ids = tok("<think>red circle, none.</think><answer>2</answer>", add_special_tokens=False)["input_ids"]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
     decoder = IncrementalDecoder(tok, engine.hidden_ids)
-    text = "".join(decoder.push(i) for i in ids + [tok.convert_tokens_to_ids("<|im_end|>")])
-    assert text == "<think>red circle, none.</think><answer>2</answer>"
+    pieces = [decoder.push(i) for i in ids + [tok.convert_tokens_to_ids("<|im_end|>")]]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
 def _ask(text="How many squares are there?", images=1):
