@@ -8,6 +8,7 @@ tab hands to the engine, so only this browser session uses it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import threading
@@ -94,20 +95,12 @@ class FinetuneTab:
     def start(self, files, use_sample, epochs, lr, batch_size, val_fraction, seed, patience, target_ratio,
               request: gr.Request, progress=gr.Progress()):
         """Generator of (status, curves, summary, sweep, confusion, result, download) updates."""
-        cancel = self.cancels.setdefault(request.session_hash, threading.Event())  # API calls skip enqueue
-        try:
-            yield from self._start(files, use_sample, epochs, lr, batch_size, val_fraction, seed, patience,
-                                   target_ratio, cancel, progress)
-        finally:
-            self.cancels.pop(request.session_hash, None)
-
-    def _start(self, files, use_sample, epochs, lr, batch_size, val_fraction, seed, patience, target_ratio,
-               cancel: threading.Event, progress):
         nothing = _unchanged()
-        if cancel.is_set():
-            yield ("Cancelled before it started.", *nothing)
-            return
-        with tempfile.TemporaryDirectory(prefix="metis-finetune-data-") as folder:  # an upload lives for its run
+        with self._registered(request.session_hash) as cancel, \
+                tempfile.TemporaryDirectory(prefix="metis-finetune-data-") as folder:  # an upload lives for its run
+            if cancel.is_set():
+                yield ("Cancelled before it started.", *nothing)
+                return
             try:
                 settings = TrainSettings(epochs=int(epochs), lr=float(lr), batch_size=int(batch_size),
                                          val_fraction=float(val_fraction), seed=int(seed), patience=int(patience),
@@ -131,6 +124,15 @@ class FinetuneTab:
                 log.exception("fine-tuning run failed")
                 yield (f"### The run failed\n{type(exc).__name__}: {exc}\n\nThe chat's router is unchanged.",
                        *nothing)
+
+    @contextlib.contextmanager
+    def _registered(self, session: str):
+        """This session's cancel event for the length of its run (API calls skip `enqueue`)."""
+        cancel = self.cancels.setdefault(session, threading.Event())
+        try:
+            yield cancel
+        finally:
+            self.cancels.pop(session, None)
 
     def _run(self, examples, settings: TrainSettings, cancel: threading.Event, progress):
         nothing = _unchanged()
