@@ -2,9 +2,10 @@
 
 The architecture is the published config (`assets/reference/metis-home-config.json`, the
 `config.json` of `mmthinking/Metis-HOME`) with the expert width the checkpoint really has
-(18944, a copy of Qwen2.5-VL-7B's MLP) and no shared expert. Batch-1 decoding is memory-bound, so tokens/s is compared with the bound set by reading
-every weight one token touches once per step at the measured copy bandwidth. Variants that fail
-(flash-attn missing, compile errors) are recorded with their error instead of stopping the run.
+(18944, a copy of Qwen2.5-VL-7B's MLP) and no shared expert. Batch-1 decoding is memory-bound,
+so tokens/s is compared with the bound set by reading every weight one token touches once per
+step at the measured copy bandwidth. Variants that fail (flash-attn missing, compile errors)
+are recorded with their error instead of stopping the run.
 """
 
 from __future__ import annotations
