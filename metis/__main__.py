@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from .explain import strongest
 from .generation import Engine, GenerationSettings
 from .prompting import Message
 from .routing import MODES
@@ -53,7 +54,11 @@ def chat(args) -> int:
 
 def route(args) -> int:
     trace = _engine(args).route(_messages(args), mode=args.mode, threshold=args.threshold)
-    print(json.dumps(trace.to_dict(), indent=2))
+    report = trace.to_dict() | {"strongest": strongest(trace)}
+    print(json.dumps(report, indent=2))
+    for expert, pushes in report["strongest"].items():
+        words = ", ".join(f"{c['token']!r} {c['score']:+.3f}" for c in pushes) or "none"
+        print(f"[router] pushed hardest toward {expert}: {words}", file=sys.stderr)
     return 0
 
 
@@ -107,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thinking-expert", type=int, default=0)
     p.set_defaults(func=upcycle)
 
-    p = with_model(sub.add_parser("eval", help="evaluate on the tiny world's held-out split"))
-    p.add_argument("--limit", type=int, default=None)
+    p = with_model(sub.add_parser("eval", help="evaluate on the tiny world's held-out splits and natural questions"))
+    p.add_argument("--limit", type=int, default=None, help="shapes questions per split (default 300)")
+    p.add_argument("--natural", type=int, default=400, help="held-out natural questions")
     p.add_argument("--json", default=None)
     p.set_defaults(func=evaluate)
 

@@ -62,6 +62,8 @@ class MetisHomeConfig(Qwen2_5_VLConfig):
     routing_threshold (`float`, defaults to 0.5): in `auto` mode the query goes to the thinking
         expert when the router's thinking probability is at least this.
     system_prompt (`str`, *optional*): system message the model was trained with.
+    router_temperature (`float`, defaults to 1.0): the deciding gate's pooled margin is divided by it
+        before the softmax; fitted on held-out questions so that p_think is calibrated.
     """
 
     model_type = "qwen2_5_vl_moe"
@@ -73,6 +75,7 @@ class MetisHomeConfig(Qwen2_5_VLConfig):
     thinking_expert: int = 0
     routing_threshold: float = 0.5
     system_prompt: str | None = None
+    router_temperature: float = 1.0
 
     @property
     def direct_expert(self) -> int:

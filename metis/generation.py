@@ -19,6 +19,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .explain import explain
 from .prompting import Message, PromptBuilder
 from .routing import MODES, RoutingTrace
 from .streaming import (
@@ -175,7 +176,7 @@ class Engine:
         routing = self.model.new_routing(settings.mode, settings.threshold)
         with self._lock, self._router(router), torch.inference_mode():
             self.model(**inputs, routing=routing, use_cache=False, logits_to_keep=1)
-        return routing.trace()
+        return self._explained(routing, inputs)
 
     # -- streaming ------------------------------------------------------------------------------
     def stream(self, messages: list[Message], settings: GenerationSettings | None = None,
@@ -235,7 +236,7 @@ class Engine:
             while (batch := streamer.queue.get()) is not None:
                 if ttft is None:
                     ttft = time.perf_counter() - start
-                    yield Routed(routing.trace())
+                    yield Routed(self._explained(routing, inputs))
                 shown = False
                 for token in batch:
                     tokens += 1
@@ -285,6 +286,11 @@ class Engine:
         return out
 
     # -- helpers --------------------------------------------------------------------------------
+    def _explained(self, routing, inputs: dict) -> RoutingTrace:
+        return explain(routing.trace(), routing, inputs["input_ids"], self.tokenizer,
+                       image_token_id=self.model.config.image_token_id,
+                       image_grid_thw=inputs.get("image_grid_thw"), merge=self.prompts.merge)
+
     def _inputs(self, messages: list[Message]) -> dict:
         device = self.model.device
         return {k: v.to(device) for k, v in self.prompts.build(messages).items()}

@@ -89,9 +89,11 @@ class MetisHomeMoeBlock(nn.Module):
 
     def _route_query(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         if self._records(routing):  # prefill only: decode steps never touch the gate
-            pooled = masked_mean(self.gate(x), routing.prompt_mask)
+            gate_logits = self.gate(x)
+            pooled = masked_mean(gate_logits, routing.prompt_mask)
             routing.layer_logits.append(pooled)
             if self.moe_index == 0:
+                routing.token_logits = gate_logits.detach()
                 routing.expert = routing.decide(pooled)
                 routing.expert_ids = routing.expert.tolist()  # one host sync per query, not per step
         ids = routing.expert_ids
@@ -119,6 +121,8 @@ class MetisHomeMoeBlock(nn.Module):
                 out[sel] += w * expert(x[sel])
         if self._records(routing):
             routing.layer_logits.append(masked_mean(logits, routing.prompt_mask))
+            if self.moe_index == 0:
+                routing.token_logits = logits.detach()
             routing.token_think_counts.append(float((chosen[..., 0] == routing.thinking_expert).float().mean()))
         return out
 
@@ -227,7 +231,8 @@ class MetisHomeForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     def new_routing(self, mode: str = "auto", threshold: float | None = None, **kwargs) -> Routing:
         """A fresh per-call routing state wired to this model's expert roles."""
         threshold = self.config.routing_threshold if threshold is None else threshold
-        return Routing(mode=mode, threshold=threshold, thinking_expert=self.config.thinking_expert, **kwargs)
+        return Routing(mode=mode, threshold=threshold, thinking_expert=self.config.thinking_expert,
+                       temperature=self.config.router_temperature, **kwargs)
 
     def moe_blocks(self) -> list[MetisHomeMoeBlock]:
         return [m for m in self.modules() if isinstance(m, MetisHomeMoeBlock)]

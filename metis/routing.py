@@ -27,6 +27,10 @@ class RoutingTrace:
     mode: str
     threshold: float
     token_think_share: float | None = None  # `token` mode: share of routed tokens sent to thinking
+    # why it routed (metis/explain.py): each prompt token's exact share of logit(p_think), in order
+    contributions: list[dict] | None = None  # {"token": str, "kind": "text"|"image", "score": float}
+    image_grids: list[list[list[float]]] | None = None  # per image, scores on its merged-patch grid
+    question: tuple[int, int] | None = None  # [start, end) of the last user message's text tokens
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,11 +49,13 @@ class Routing:
     mode: Mode = "auto"
     threshold: float = 0.5
     thinking_expert: int = 0
+    temperature: float = 1.0  # calibration of the deciding gate (config.router_temperature)
     labels: torch.Tensor | None = None
     prompt_mask: torch.Tensor | None = None
     # filled during prefill
     expert: torch.Tensor | None = None  # [batch] chosen expert per sample
     layer_logits: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, [batch, experts]
+    token_logits: torch.Tensor | None = None  # deciding layer's gate per token, [batch, seq, experts]
     token_think_counts: list[float] = field(default_factory=list)
     expert_ids: list[int] = field(default_factory=list)  # same, as host ints for the hot path
 
@@ -74,12 +80,22 @@ class Routing:
             return torch.full((batch,), think, dtype=torch.long, device=pooled_logits.device)
         if self.mode == "direct":
             return torch.full((batch,), 1 - think, dtype=torch.long, device=pooled_logits.device)
-        p_think = pooled_logits.float().softmax(-1)[:, think]
+        p_think = (pooled_logits.float() / self.temperature).softmax(-1)[:, think]
         return torch.where(p_think >= self.threshold, think, 1 - think).long()
 
     def p_think(self, sample: int = 0) -> list[float]:
         """Thinking probability of each MoE layer for one sample."""
-        return [float(l[sample].detach().float().softmax(-1)[self.thinking_expert]) for l in self.layer_logits]
+        return [float((l[sample].detach().float() / self.temperature).softmax(-1)[self.thinking_expert])
+                for l in self.layer_logits]
+
+    def token_scores(self, sample: int = 0) -> torch.Tensor:
+        """Each pooled token's share of the deciding margin, (think - direct) / (N * temperature):
+        the scores sum to logit(p_think) of the deciding layer, so the attribution is exact."""
+        logits = self.token_logits[sample].detach().float()
+        if self.prompt_mask is not None:
+            logits = logits[self.prompt_mask[sample].to(logits.device)]
+        margin = logits[:, self.thinking_expert] - logits[:, 1 - self.thinking_expert]
+        return margin.cpu() / (margin.numel() * self.temperature)
 
     def trace(self, sample: int = 0) -> RoutingTrace:
         if not self.layer_logits:

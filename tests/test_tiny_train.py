@@ -24,12 +24,20 @@ def test_target_tags_are_single_special_tokens():
     assert all(ids.count(t) == 1 for t in tags)
 
 
-def test_smoke_run_writes_loadable_checkpoint(tmp_path):
-    train.main(["--smoke", "--out", str(tmp_path)])
+def test_smoke_run_writes_loadable_checkpoint_and_resumes(tmp_path):
+    train.main(["--smoke", "--out", str(tmp_path), "--checkpoint-minutes", "0"])
     report = json.loads((tmp_path / "training.json").read_text())
     assert report["stage1"]["steps"] == 3 and report["stage2"]["steps"] == 3
     assert {"acc_direct", "acc_reasoning", "router_acc"} <= report["final_val"].keys()
-    assert sum(f.stat().st_size for f in tmp_path.iterdir()) < 40e6
+    assert {"temperature", "ece_before", "ece_after"} <= report["calibration"].keys()
+    assert sum(f.stat().st_size for f in tmp_path.iterdir() if f.is_file()) < 40e6
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert (state["stage"], state["step"]) == (2, 3)
+
+    train.main(["--smoke", "--out", str(tmp_path), "--resume", "--steps2", "5"])  # a stopped run goes on
+    resumed = json.loads((tmp_path / "training.json").read_text())
+    assert resumed["stage1"]["steps"] == 3 and resumed["stage2"]["steps"] == 5
+    assert resumed["stage2"]["history"][0] == report["stage2"]["history"][0]
 
     model = MetisHomeForConditionalGeneration.from_pretrained(tmp_path)
     assert model.config.text_config.num_experts == 2 and model.config.system_prompt == world.SYSTEM_PROMPT

@@ -1,7 +1,8 @@
 """Small byte-level BPE tokenizer and Qwen2-VL image processor for the tiny shapes world.
 
 The BPE is trained on the exact text segments the model sees (chat scaffolding, questions, chains,
-answers), so a chain costs few tokens; byte-level fallback still encodes any user text.
+answers, natural questions of the training pool), so a chain costs few tokens; byte-level fallback
+still encodes any user text, including words the model never read.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from metis.tiny import world
+from metis.tiny import corpus, world
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -65,6 +66,8 @@ def _corpus(seed: int) -> list[str]:
     for i in range(_CORPUS_SAMPLES):
         s = world.sample(seed * _CORPUS_SAMPLES + i)
         pieces += _SPECIAL_RE.split(_conversation(s, thinking=True))
+    for q in corpus.generate("train", _CORPUS_SAMPLES // 2, seed):  # training wordings only
+        pieces += [f"user\n{q.text}", corpus.OFF_WORLD_CHAIN, corpus.REFUSAL]
     return [p for p in pieces if p]
 
 

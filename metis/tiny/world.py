@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from metis.tiny import phrasing
+
 IMAGE_SIZE = 112
 CELL = IMAGE_SIZE // 2
 SYSTEM_PROMPT = "Answer the question about the image."
@@ -35,49 +37,12 @@ SPLIT_BASE = {"train": 0, "val": 10_000_000, "test": 20_000_000}
 Item = tuple[str, str]  # (colour, shape)
 Cells = tuple[Item | None, Item | None, Item | None, Item | None]  # reading order: TL, TR, BL, BR
 
-PHRASINGS = {
-    "count_shape": (
-        "How many {p} are there?",
-        "Count the {p}.",
-        "How many {p} can you see?",
-        "What is the number of {p}?",
-    ),
-    "count_all": (
-        "How many shapes are there?",
-        "Count the shapes.",
-        "How many shapes can you see?",
-        "What is the number of shapes?",
-    ),
-    "colour": (
-        "What colour is the {s}?",
-        "Which colour is the {s}?",
-        "What is the colour of the {s}?",
-    ),
-    "shape": (
-        "Which shape is {c}?",
-        "What shape is {c}?",
-        "What is the {c} shape?",
-    ),
-    "count_diff": (
-        "How many more {a} than {b} are there?",
-        "How many more {a} are there than {b}?",
-        "What is the number of {a} minus the number of {b}?",
-    ),
-    "total_sides": (
-        "How many sides do the shapes have in total?",
-        "What is the total number of sides of all shapes?",
-        "How many sides are there altogether?",
-    ),
-    "more_colour": (
-        "Are there more {a} shapes or {b} shapes?",
-        "Which is more common, {a} or {b}?",
-        "Which colour appears more often, {a} or {b}?",
-    ),
-}
 QTYPES = {
-    "direct": ("count_shape", "count_all", "colour", "shape"),
-    "reasoning": ("count_diff", "total_sides", "more_colour"),
+    "direct": ("count_shape", "count_all", "colour", "shape", "cell", "present", "colour_at"),
+    "reasoning": ("count_diff", "total_sides", "more_colour", "remain", "not_colour", "kind_sides", "compare_two"),
 }
+POSITION_NAMES = ("top left", "top right", "bottom left", "bottom right")
+WORDINGS = phrasing.POOLS  # "train" wordings on test images form the template split
 
 
 @dataclass(frozen=True)
@@ -89,6 +54,7 @@ class Sample:
     reasoning: str
     answer: str
     cells: Cells  # ground truth, kept so tests and analyses can check answers against the drawing
+    params: dict  # what the question asks about (slot values, cell index, number removed)
 
 
 def _name(item: Item) -> str:
@@ -108,48 +74,63 @@ def _check(cells: Cells, label: str, hit) -> str:
     return f"{label}? " + ", ".join("yes" if c and hit(c) else "no" for c in cells) + "."
 
 
-def _question(rng: random.Random, qtype: str, cells: Cells) -> tuple[str, str, str] | None:
+def _question(rng: random.Random, qtype: str, cells: Cells, pool: str, params: dict) -> tuple[str, str, str] | None:
     """Returns (question, chain tail, answer), or None if this scene cannot support the qtype
-    unambiguously (the caller then draws another scene)."""
+    unambiguously (the caller then draws another scene). `params` receives what was asked about."""
     items = [c for c in cells if c]
     shapes = [s for _, s in items]
     colours = [c for c, _ in items]
-    phrase = rng.choice(PHRASINGS[qtype])
+    wording_rng = random.Random(rng.getrandbits(64))  # the scene never depends on the wording pool
+
+    def ask(**slots: str) -> str:
+        params.update(slots)
+        return phrasing.phrase(wording_rng, qtype, pool, **slots)
+
     if qtype == "count_shape":
         s = rng.choice(SHAPES)
         n = shapes.count(s)
-        tail = f"{_check(cells, s, lambda c: c[1] == s)} count {n}."
-        return phrase.format(p=PLURAL[s]), tail, str(n)
+        return ask(p=PLURAL[s]), f"{_check(cells, s, lambda c: c[1] == s)} count {n}.", str(n)
     if qtype == "count_all":
-        tail = f"{_check(cells, 'shape', lambda c: True)} count {len(items)}."
-        return phrase, tail, str(len(items))
+        return ask(), f"{_check(cells, 'shape', lambda c: True)} count {len(items)}.", str(len(items))
     if qtype == "colour":
         unique = [s for s in SHAPES if shapes.count(s) == 1]
         if not unique:
             return None
         s = rng.choice(unique)
         c = colours[shapes.index(s)]
-        tail = f"{_check(cells, s, lambda i: i[1] == s)} count 1. colour {c}."
-        return phrase.format(s=s), tail, c
+        return ask(s=s), f"{_check(cells, s, lambda i: i[1] == s)} count 1. colour {c}.", c
     if qtype == "shape":
         unique = [c for c in COLOURS if colours.count(c) == 1]
         if not unique:
             return None
         c = rng.choice(unique)
         s = shapes[colours.index(c)]
-        tail = f"{_check(cells, c, lambda i: i[0] == c)} count 1. shape {s}."
-        return phrase.format(c=c), tail, s
+        return ask(c=c), f"{_check(cells, c, lambda i: i[0] == c)} count 1. shape {s}.", s
+    if qtype in ("cell", "colour_at"):
+        cell = params["cell"] = rng.randrange(4)
+        item = cells[cell]
+        if qtype == "colour_at" and item is None:
+            return None
+        where = f"{POSITION_NAMES[cell]}: {_name(item) if item else 'none'}."
+        if qtype == "cell":
+            return ask(pos=phrasing.pick_position(rng, cell)), where, _name(item) if item else "nothing"
+        return ask(pos=phrasing.pick_position(rng, cell)), f"{where} colour {item[0]}.", item[0]
+    if qtype == "present":
+        s = rng.choice(SHAPES)
+        n = shapes.count(s)
+        return ask(s=s), f"{_check(cells, s, lambda i: i[1] == s)} count {n}.", "yes" if n else "no"
     if qtype == "count_diff":
         a, b = rng.sample(SHAPES, 2)
+        if shapes.count(a) < shapes.count(b):
+            a, b = b, a  # "how many more a than b" stays sensible; "difference" reads either way
         na, nb = shapes.count(a), shapes.count(b)
-        if na < nb or na == 0:  # keep the premise "more a than b" sensible and non-vacuous
+        if na == 0:
             return None
         tail = f"{PLURAL[a]} {na}, {PLURAL[b]} {nb}. {na} - {nb} = {na - nb}."
-        return phrase.format(a=PLURAL[a], b=PLURAL[b]), tail, str(na - nb)
+        return ask(a=PLURAL[a], b=PLURAL[b]), tail, str(na - nb)
     if qtype == "total_sides":
         sides = [SIDES[s] for s in shapes]
-        tail = f"sides {' + '.join(map(str, sides))} = {sum(sides)}."
-        return phrase, tail, str(sum(sides))
+        return ask(), f"sides {' + '.join(map(str, sides))} = {sum(sides)}.", str(sum(sides))
     if qtype == "more_colour":
         a, b = rng.sample(list(COLOURS), 2)
         na, nb = colours.count(a), colours.count(b)
@@ -157,7 +138,35 @@ def _question(rng: random.Random, qtype: str, cells: Cells) -> tuple[str, str, s
             return None
         winner = a if na > nb else b
         tail = f"{a} {na}, {b} {nb}. {na} {'>' if na > nb else '<'} {nb}, {winner}."
-        return phrase.format(a=a, b=b), tail, winner
+        return ask(ca=a, cb=b), tail, winner
+    if qtype == "remain":
+        s = rng.choice(SHAPES)
+        n = shapes.count(s)
+        k = params["removed"] = rng.choice([k for k in phrasing.REMOVALS if k <= n] or [0])
+        if not k:
+            return None
+        tail = f"shapes {len(items)}, {PLURAL[s]} {n}. remove {k}. {len(items)} - {k} = {len(items) - k}."
+        return ask(k=rng.choice(phrasing.REMOVALS[k]), p=PLURAL[s], s=s), tail, str(len(items) - k)
+    if qtype == "not_colour":
+        c = rng.choice(list(COLOURS))
+        n = colours.count(c)
+        tail = f"shapes {len(items)}, {c} {n}. {len(items)} - {n} = {len(items) - n}."
+        return ask(c=c), tail, str(len(items) - n)
+    if qtype == "kind_sides":
+        s = rng.choice(("square", "triangle"))
+        n = shapes.count(s)
+        if not n:
+            return None
+        tail = f"{PLURAL[s]} {n}. {n} x {SIDES[s]} = {n * SIDES[s]}."
+        return ask(p=PLURAL[s], s=s), tail, str(n * SIDES[s])
+    if qtype == "compare_two":
+        c, s = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        nc, ns = colours.count(c), shapes.count(s)
+        if nc == ns:
+            return None
+        winner = c if nc > ns else PLURAL[s]
+        tail = f"{c} {nc}, {PLURAL[s]} {ns}. {nc} {'>' if nc > ns else '<'} {ns}, {winner}."
+        return ask(c=c, p=PLURAL[s]), tail, winner
     raise ValueError(f"unknown qtype {qtype!r}")
 
 
@@ -191,14 +200,15 @@ def _render(rng: random.Random, cells: Cells) -> Image.Image:
     return image
 
 
-def sample(seed: int, family: str | None = None) -> Sample:
-    """Draws one sample; ``family=None`` picks direct/reasoning with equal probability."""
+def sample(seed: int, family: str | None = None, wording: str = "train") -> Sample:
+    """Draws one sample; ``family=None`` picks direct/reasoning with equal probability, and
+    `wording` names the phrasing pool the question is worded from."""
     rng = random.Random(seed)
     family = family or rng.choice(("direct", "reasoning"))
     qtype = rng.choice(QTYPES[family])
     while True:
-        cells = _scene(rng)
-        drawn = _question(rng, qtype, cells)
+        cells, params = _scene(rng), {}
+        drawn = _question(rng, qtype, cells, wording, params)
         if drawn:
             break
     question, tail, answer = drawn
@@ -210,14 +220,16 @@ def sample(seed: int, family: str | None = None) -> Sample:
         reasoning=f"{_listing(cells)} {tail}",
         answer=answer,
         cells=cells,
+        params=params,
     )
 
 
-def generate(split: str, n: int, family: str | None = None) -> list[Sample]:
-    """``family=None`` alternates direct/reasoning so any prefix is family-balanced."""
+def generate(split: str, n: int, family: str | None = None, wording: str = "train") -> list[Sample]:
+    """``family=None`` alternates direct/reasoning so any prefix is family-balanced. `split` picks
+    the images (disjoint seed ranges), `wording` the phrasing pool (disjoint frames)."""
     base = SPLIT_BASE[split]
     families = (family,) if family else ("direct", "reasoning")
-    return [sample(base + i, families[i % len(families)]) for i in range(n)]
+    return [sample(base + i, families[i % len(families)], wording) for i in range(n)]
 
 
 def format_target(sample: Sample, thinking: bool) -> str:

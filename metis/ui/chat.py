@@ -10,6 +10,7 @@ import gradio as gr
 
 from .events import LATEX_DELIMITERS, error_message, to_messages, user_bubbles
 from .examples import EXAMPLES
+from .explanation import last_image_heatmap, question_scores
 from .plots import history_figure, routing_figure
 from .runtime import USER_ERRORS, Runner, settings
 from .session import Session, stats_markdown
@@ -48,31 +49,35 @@ def respond(runner: Runner, history: list, mode, threshold, budget, max_new_toke
             state: Session, router_value):
     """Stream the answer to the last user message into the chat, then the router view's
     stats and session figure. Errors become an error message in the chat."""
+    skip = gr.skip()
     if not history or history[-1]["role"] != "user":
-        yield history, gr.skip(), gr.skip(), gr.skip()
+        yield history, skip, skip, skip, skip, skip
         return
     try:
         request = settings(mode, threshold, budget, max_new_tokens, temperature, top_p)
+        messages = to_messages(history)
         plotted = False
-        for turn in runner.answer(to_messages(history), request, router_value, state.cancel):
-            figure = gr.skip()
+        for turn in runner.answer(messages, request, router_value, state.cancel):
             if turn.trace is not None and not plotted:
-                figure, plotted = routing_figure(turn.trace), True
-            yield history + turn.messages(), figure, gr.skip(), gr.skip()
+                plotted = True
+                images = [image for m in messages for image in m.images]
+                yield (history + turn.messages(), routing_figure(turn.trace), skip, skip,
+                       question_scores(turn.trace), last_image_heatmap(turn.trace, images))
+            else:
+                yield history + turn.messages(), skip, skip, skip, skip, skip
     except USER_ERRORS as exc:
-        yield history + [error_message(str(exc))], gr.skip(), gr.skip(), gr.skip()
+        yield history + [error_message(str(exc))], skip, skip, skip, skip, skip
         return
     except Exception as exc:  # the app keeps serving; the log has the traceback
         log.exception("chat request failed")
-        yield history + [error_message(f"Internal error: {type(exc).__name__}: {exc}")], \
-            gr.skip(), gr.skip(), gr.skip()
+        yield history + [error_message(f"Internal error: {type(exc).__name__}: {exc}")], skip, skip, skip, skip, skip
         return
     if turn.stopped:
-        yield gr.skip(), gr.skip(), "*Stopped: this answer's timings were not recorded.*", gr.skip()
+        yield skip, skip, "*Stopped: this answer's timings were not recorded.*", skip, skip, skip
         return
     if turn.error is None:
         state.record(turn.trace, turn.stats)
-    yield gr.skip(), gr.skip(), stats_markdown(turn.trace, turn.stats, state), history_figure(state.records)
+    yield skip, skip, stats_markdown(turn.trace, turn.stats, state), history_figure(state.records), skip, skip
 
 
 def retry_turn(history: list, state: Session):
@@ -88,7 +93,7 @@ def stop_answer(state: Session):
 
 def clear_chat(state: Session):
     state.cancel.set()
-    return [], gr.MultimodalTextbox(value=None, interactive=True), routing_figure(None)
+    return [], gr.MultimodalTextbox(value=None, interactive=True), routing_figure(None), None, None
 
 
 def build(runner: Runner, session: gr.State, router: gr.State, threshold: float) -> None:
@@ -113,11 +118,15 @@ def build(runner: Runner, session: gr.State, router: gr.State, threshold: float)
                 gr.Examples(examples=[[e] for e in examples], inputs=[textbox], label=label)
         with gr.Column(scale=2, elem_id="router-view"):
             routing_plot = gr.Plot(routing_figure(None), show_label=False, elem_id="routing-plot")
+            why = gr.HighlightedText(label="Why: each word's push toward think (+) or direct (−)",
+                                     show_legend=True, elem_id="why-words")
+            why_image = gr.Image(label="Why: the image's push (purple think, teal direct)", type="pil",
+                                 interactive=False, height=180, elem_id="why-image")
             stats = gr.Markdown(stats_markdown(None, None, Session()))
             history_plot = gr.Plot(history_figure([]), show_label=False)
 
     answer_inputs = [chatbot, *controls, session, router]
-    answer_outputs = [chatbot, routing_plot, stats, history_plot]
+    answer_outputs = [chatbot, routing_plot, stats, history_plot, why, why_image]
     unlock = dict(fn=lambda: gr.MultimodalTextbox(interactive=True), outputs=textbox, api_visibility="private")
     answering = []
     for trigger, first, first_inputs in ((textbox.submit, add_turn, [textbox, chatbot, session]),
@@ -129,7 +138,7 @@ def build(runner: Runner, session: gr.State, router: gr.State, threshold: float)
         answering.append(event)
         event.then(**unlock)
     stop.click(stop_answer, session, None, queue=False, api_visibility="private")
-    clear.click(clear_chat, session, [chatbot, textbox, routing_plot], queue=False, cancels=answering,
+    clear.click(clear_chat, session, [chatbot, textbox, routing_plot, why, why_image], queue=False, cancels=answering,
                 api_visibility="private")
 
     # -- API: no trigger in the page; the same components give parameter types and defaults --
@@ -149,7 +158,7 @@ def build(runner: Runner, session: gr.State, router: gr.State, threshold: float)
 
     def route(message: dict, mode, threshold, router_value) -> dict:
         """The router's decision for a question, without generating: p_think, decision,
-        per_layer, threshold, mode."""
+        per_layer, threshold, mode, and `contributions` (each prompt token's push toward think)."""
         try:
             messages = to_messages(user_bubbles(message.get("text", ""), message.get("files", [])))
             return runner.route(messages, mode, threshold, router_value).to_dict()
