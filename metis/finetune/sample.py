@@ -1,7 +1,9 @@
-"""The sample router dataset for the tiny model: the same question types as its training world,
-in wordings it never saw, so the shipped router is unsure of them and fine-tuning visibly helps.
-Perception questions are labelled `direct`, multi-step ones `think`; a few images are shared by
-all lines to keep the folder small.
+"""The sample router dataset for the tiny model: a Space owner's own traffic, which the shipped
+router never saw in any form. Half are shapes questions in wordings from none of the world's
+phrasing pools, half are questions from a domain the natural corpus does not cover (cooking,
+sport, shopping, travel). The labelling policy is the model's own: several steps of arithmetic or
+logic are `think`, looking and reading are `direct`. A few images are shared by all lines to keep
+the folder small.
 
     python -m metis.finetune.sample   # rewrites assets/finetune/sample/
 """
@@ -20,30 +22,31 @@ SEED_BASE = 30_000_000  # beyond the world's train/val/test seed ranges
 
 NEW_PHRASINGS = {
     "direct": (
-        "Could you count the {p} for me?",
-        "Tell me how many {p} you see.",
-        "How many {p} are in the picture?",
-        "Give the count of {p}.",
-        "How many objects are in the picture?",
-        "Tell me the number of shapes shown.",
-        "Count every shape in the image.",
-        "Could you tell me the hue of the {s}?",
-        "Which hue does the {s} have?",
-        "Name the colour of the {s}.",
-        "Which figure is painted {c}?",
-        "Name the {c} shape.",
-        "What kind of shape is {c}?",
+        "Yo, how many {p} r there",
+        "{p} count pls",
+        "Spot any {s} in there?",
+        "What hue has been given to the {s}?",
+        "Which of the pieces is {c}?",
+        "Anything {c} in the upper half?",
+        "What dish is on the plate?",
+        "Which team is leading on the scoreboard?",
+        "What is the name of the restaurant on the menu?",
+        "What colour are the players' shirts?",
+        "Which airline is painted on the plane?",
+        "What does the price tag say?",
+        "Is the shop open or closed?",
     ),
     "think": (
-        "Work out {p} minus {q}.",
-        "By how many do the {p} outnumber the {q}?",
-        "Subtract the number of {q} from the number of {p}.",
-        "Add up the sides of every shape.",
-        "What do all the sides sum to?",
-        "Sum the edges of all the figures.",
-        "Do {c} shapes outnumber {d} shapes?",
-        "Compare the {c} and {d} shapes: which has more?",
-        "Is {c} or {d} the more frequent colour?",
+        "Take the {p}, subtract the {q}, what's left?",
+        "Do the maths: {p} plus {q}, all the sides together.",
+        "If every {s} vanished, how many pieces would be left?",
+        "How many pieces are neither {c} nor {d}?",
+        "A recipe for 4 needs 3 eggs. How many eggs for 10 people?",
+        "The team scored 12 points a game for 7 games. What is their average if they add 20 in the next game?",
+        "Three shirts cost 45 dollars after a 25% discount. What was the full price of one?",
+        "The bus leaves at 7:50 and the ride takes 85 minutes. When do we arrive?",
+        "If I save 15 dollars a week, how many weeks until I can buy the 240 dollar bike?",
+        "Split the bill on the receipt among 3 friends with a 10% tip. How much each?",
     ),
 }
 
