@@ -118,7 +118,7 @@ def _question(rng: random.Random, qtype: str, cells: Cells, pool: str, params: d
     if qtype == "present":
         s = rng.choice(SHAPES)
         n = shapes.count(s)
-        return ask(s=s), f"{_check(cells, s, lambda i: i[1] == s)} count {n}.", "yes" if n else "no"
+        return ask(s=s, p=PLURAL[s]), f"{_check(cells, s, lambda i: i[1] == s)} count {n}.", "yes" if n else "no"
     if qtype == "count_diff":
         a, b = rng.sample(SHAPES, 2)
         if shapes.count(a) < shapes.count(b):
