@@ -176,13 +176,12 @@ def gpu_device_map(config: MetisHomeConfig, dtype: torch.dtype, device: str = "c
     fine-tuned routers. `max_memory` (accelerate's form) stands in for the GPUs' free memory."""
     with init_empty_weights():
         skeleton = MetisHomeForConditionalGeneration(config).to(dtype)
-    if max_memory is None:
-        max_memory = get_max_memory()
-        if ":" in device:
-            index = torch.device(device).index
-            max_memory = {k: v for k, v in max_memory.items() if k in (index, "cpu")}
+    if ":" in device:  # that GPU alone, keeping accelerate's 10% headroom of a single-GPU map
+        index = torch.device(device).index
+        free = get_max_memory(None if max_memory is None else dict(max_memory))
+        max_memory = {k: int(v * 0.9) if k == index else v for k, v in free.items() if k in (index, "cpu", "disk")}
     no_split = skeleton._no_split_modules
-    budget = get_balanced_memory(skeleton, dict(max_memory), no_split_module_classes=no_split)
+    budget = get_balanced_memory(skeleton, max_memory and dict(max_memory), no_split_module_classes=no_split)
     device_map = infer_auto_device_map(skeleton, budget, no_split_module_classes=no_split)
     offloaded = sorted(name for name, d in device_map.items() if d in ("cpu", "disk"))
     if offloaded:

@@ -35,6 +35,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-model", default=None, help="also save a full checkpoint with the new router here")
 
 
+def process_device(state) -> str | None:
+    """Under `accelerate launch`, this process's own device (a whole copy of the model per GPU);
+    alone, None: the model spreads over every visible GPU."""
+    return str(state.device) if state.num_processes > 1 else None
+
+
+def process_features(engine, examples: list, cache_dir: str | None, state) -> Features:
+    """The features of this process's contiguous shard of the examples (all of them when alone)."""
+    with state.split_between_processes(examples) as shard, \
+            tqdm(total=len(shard), desc=f"features {state.process_index}", unit="ex") as bar:
+        return extract_features(engine, shard, cache_dir, lambda i, n: bar.update(i - bar.n))
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         settings = TrainSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
@@ -57,11 +70,9 @@ def main(args: argparse.Namespace) -> int:
     from .export import save_model
 
     state = PartialState()
-    engine = Engine.load(args.model, device=str(state.device) if state.num_processes > 1 else None)
+    engine = Engine.load(args.model, device=process_device(state))
     try:
-        with state.split_between_processes(examples) as shard, \
-                tqdm(total=len(shard), desc=f"features {state.process_index}", unit="ex") as bar:
-            mine = extract_features(engine, shard, args.cache_dir, lambda i, n: bar.update(i - bar.n))
+        mine = process_features(engine, examples, args.cache_dir, state)
         features = Features.concat(gather_object([mine]))  # in process order: the examples' order
         trainer = RouterTrainer(engine.model, features, settings)
         with tqdm(total=settings.epochs, desc="epochs", unit="ep") as bar:
