@@ -11,6 +11,11 @@ import logging
 import os
 from pathlib import Path
 
+# ZeroGPU: `spaces` must be imported before torch (which metis imports) touches CUDA; only then do
+# CUDA and its memory queries appear as the Space's GPU. An import failure stops the app here.
+if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):
+    import spaces  # noqa: F401
+
 from metis.generation import Engine
 from metis.ui import CSS, THEME, build_demo
 

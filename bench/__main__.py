@@ -19,7 +19,7 @@ import transformers
 from metis.generation import Engine
 
 from . import gpu, hybrid, memory, routing, scaling, server, streaming
-from .common import checkpoint
+from .common import checkpoint, cpu_only_children
 
 
 def machine() -> dict:
@@ -36,29 +36,38 @@ def machine() -> dict:
     )
 
 
-def measure(spec: str | None, quick: bool) -> dict:
+def measure(spec: str | None, quick: bool, save=lambda results: None) -> dict:
+    """Every section in turn, `save(results)` after each, so a failure late in the run (the GPU
+    section's out-of-memory, say) keeps what was already measured."""
     path, label = checkpoint(spec)
     trained = spec is not None or label.startswith("embedded")
-    engine = Engine.load(path)
+    engine = Engine.load(path, device="cpu")  # on a GPU host too: these are the CPU figures
     results = {"model": label, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-               "machine": machine(), "quick": quick}
-    stream = streaming.run(engine, quick)
-    route = routing.run(engine, quick)
-    with server.App(path, new_tokens=256 if quick else 384) as app:
-        serve = server.run(engine, app, quick)
+               "machine": machine(), "quick": quick, "details": {}}
+    details = results["details"]
+    details["streaming"] = stream = streaming.run(engine, quick)
+    results["streaming_ratio"] = stream["ratio"]
+    save(results)
+    details["routing"] = route = routing.run(engine, quick)
+    results |= dict(prefill_ratio=route["prefill_ratio"], decode_ratio=route["decode_ratio"],
+                    forward_passes_for_routing=route["forward_passes_for_routing"])
+    save(results)
+    with cpu_only_children(), server.App(path, new_tokens=256 if quick else 384) as app:
+        details["server"] = serve = server.run(engine, app, quick)
         app_rss = app.peak_rss_mib()
-    results |= dict(
-        streaming_ratio=stream["ratio"],
-        prefill_ratio=route["prefill_ratio"],
-        decode_ratio=route["decode_ratio"],
-        server_ratio=serve["ratio"],
-        forward_passes_for_routing=route["forward_passes_for_routing"],
-        auto_vs_think=hybrid.run(engine, quick, trained),
-        scaling=scaling.run(engine, quick),
-        memory=memory.run(engine, app_rss),
-        gpu=gpu.run(quick),
-        details=dict(streaming=stream, routing=route, server=serve),
-    )
+    results["server_ratio"] = serve["ratio"]
+    save(results)
+    for name, section in (("auto_vs_think", lambda: hybrid.run(engine, quick, trained)),
+                          ("scaling", lambda: scaling.run(engine, quick)),
+                          ("memory", lambda: memory.run(engine, app_rss))):
+        results[name] = section()
+        save(results)
+    del engine
+    try:
+        results["gpu"] = gpu.run(quick)
+    except Exception as exc:  # out of memory, a driver error: the CPU figures above still stand
+        results["gpu"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+    save(results)
     return results
 
 
@@ -140,13 +149,15 @@ def main(argv=None) -> None:
     parser.add_argument("--model", help="checkpoint folder or Hub id (default: the embedded tiny model)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    results = measure(args.model, args.quick)
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    print(table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
+
+    def save(results: dict) -> None:
+        results["seconds"] = round(time.perf_counter() - start, 1)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+                f.write("\n")
+
+    print(table(measure(args.model, args.quick, save)))
 
 
 if __name__ == "__main__":

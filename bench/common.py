@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import shutil
 import statistics
 import tempfile
@@ -84,6 +85,22 @@ def upcycled_pair(engine: Engine) -> tuple[Qwen2_5_VLForConditionalGeneration, t
         dense = Qwen2_5_VLForConditionalGeneration._from_config(dense_twin(engine.model.config),
                                                                  dtype=engine.model.dtype).eval()
     return dense, upcycle(dense, system_prompt=engine.model.config.system_prompt)
+
+
+@contextlib.contextmanager
+def cpu_only_children():
+    """Processes started inside see no GPU, so a child app measures the CPU path on a GPU host.
+    This process asks CUDA first: its device list is fixed once asked, whatever the variable says."""
+    torch.cuda.is_available()
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES")
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
 def sample_messages() -> list[Message]:

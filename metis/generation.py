@@ -122,16 +122,26 @@ class _Cancelled(StoppingCriteria):
 
 class ThinkingBudget(LogitsProcessor):
     """After `budget` generated tokens with the reasoning still open, force `</think>` (one token
-    per step when it spans several) so the model moves on to its answer."""
+    per step when it spans several) so the model moves on to its answer.
 
-    def __init__(self, budget: int, prompt_len: int, close_ids: list[int]):
+    The model's own close is read from the decoded text, as the parser reads it (`decoder`: an
+    `IncrementalDecoder`): in a real vocabulary it arrives as other tokens than the forced ones
+    (Qwen2.5: `'</' 'think' '>\n'`, or `'></' 'think' '><'` in `<think></think><answer>`)."""
+
+    def __init__(self, budget: int, prompt_len: int, close_ids: list[int], decoder: IncrementalDecoder | None = None):
         self.budget, self.prompt_len, self.close = budget, prompt_len, close_ids
+        self.decoder, self.parser, self.read = decoder, OutputParser(), 0
         self.closed = False
 
     def __call__(self, input_ids, scores):
         generated = input_ids[0, self.prompt_len :].tolist()
+        if self.decoder is not None:
+            for token in generated[self.read :]:
+                self.parser.feed(self.decoder.push(token))
+            self.read = len(generated)
+            self.closed |= self.parser.state not in ("start", "think")  # past </think>, or no reasoning
         if generated[-len(self.close) :] == self.close:
-            self.closed = True  # written by the model, or fully forced
+            self.closed = True  # fully forced
         if self.closed or len(generated) < self.budget:
             return scores
         done = next((n for n in range(len(self.close) - 1, 0, -1) if generated[-n:] == self.close[:n]), 0)
@@ -194,7 +204,8 @@ class Engine:
         streamer = _TokenQueue()
         processors = LogitsProcessorList()
         if settings.thinking_budget is not None:
-            processors.append(ThinkingBudget(settings.thinking_budget, inputs["input_ids"].shape[1], self.close_ids))
+            processors.append(ThinkingBudget(settings.thinking_budget, inputs["input_ids"].shape[1], self.close_ids,
+                                             IncrementalDecoder(self.tokenizer, self.hidden_ids)))
         sampling = (
             dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
             if settings.temperature > 0

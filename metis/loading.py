@@ -9,13 +9,16 @@ weight randomly initialised.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
+from accelerate.utils import compute_module_sizes, get_balanced_memory, get_max_memory, infer_auto_device_map
 from safetensors import safe_open
 from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -39,6 +42,15 @@ class CheckpointMismatch(ValueError):
     """The checkpoint does not hold the tensors the config describes."""
 
 
+class NotEnoughGPUMemory(ValueError):
+    """The model does not fit the GPUs; offloading the rest to CPU or disk was not asked for."""
+
+
+def zero_gpu() -> bool:
+    """On a ZeroGPU Space: SPACES_ZERO_GPU read as the `spaces` package reads it."""
+    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     checkpoint: str
@@ -58,7 +70,7 @@ class ModelInfo:
         return asdict(self)
 
 
-def resolve_checkpoint(spec: str | None) -> Path:
+def resolve_checkpoint(spec: str | None, allow_pickle: bool = False) -> Path:
     if spec is None or spec in EMBEDDED_NAMES:
         if not (EMBEDDED / "config.json").exists():
             raise FileNotFoundError(f"the embedded model is missing: {EMBEDDED} (train it: python -m metis.tiny.train)")
@@ -69,7 +81,8 @@ def resolve_checkpoint(spec: str | None) -> Path:
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
+        patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja"] + (["*.bin"] if allow_pickle else [])
+        return Path(snapshot_download(spec, allow_patterns=patterns))
     raise FileNotFoundError(f"no checkpoint folder or Hub id {spec!r}")
 
 
@@ -138,13 +151,54 @@ def check_checkpoint(config: MetisHomeConfig, shapes: dict[str, tuple[int, ...]]
         )
 
 
-def pick_runtime(device: str | None, dtype: str | None, attn: str | None) -> tuple[str, torch.dtype, str]:
+def pick_runtime(device: str | None, dtype: str | None, attn: str | None,
+                 saved_dtype: torch.dtype | str | None = None) -> tuple[str, torch.dtype, str]:
+    """On a GPU the checkpoint computes in the dtype it was saved in (what it was evaluated in;
+    the embedded tiny model is float32), bfloat16 when it names none; on CPU in float32."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.startswith("cuda")
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    if isinstance(saved_dtype, str):
+        saved_dtype = getattr(torch, saved_dtype)
+    if dtype:
+        torch_dtype = getattr(torch, dtype)
+    else:
+        torch_dtype = (saved_dtype or torch.bfloat16) if on_gpu else torch.float32
     if attn is None:
         attn = "flash_attention_2" if on_gpu and _flash_attn_imports() else "sdpa"
     return device, torch_dtype, attn
+
+
+def gpu_device_map(config: MetisHomeConfig, dtype: torch.dtype, device: str = "cuda",
+                   max_memory: dict | None = None) -> dict[str, int | str]:
+    """accelerate's balanced device map over the GPUs `device` names ("cuda": all visible, "cuda:N":
+    that one), refused when any module would land on "cpu" or "disk": accelerate would stream those
+    weights over PCIe on every token, and offloaded (meta) weights break router features and
+    fine-tuned routers. `max_memory` (accelerate's form) stands in for the GPUs' free memory."""
+    with init_empty_weights():
+        skeleton = MetisHomeForConditionalGeneration(config).to(dtype)
+    if ":" in device:  # that GPU alone, keeping accelerate's 10% headroom of a single-GPU map
+        index = torch.device(device).index
+        free = get_max_memory(None if max_memory is None else dict(max_memory))
+        max_memory = {k: int(v * 0.9) if k == index else v for k, v in free.items() if k in (index, "cpu", "disk")}
+    no_split = skeleton._no_split_modules
+    budget = get_balanced_memory(skeleton, max_memory and dict(max_memory), no_split_module_classes=no_split)
+    device_map = infer_auto_device_map(skeleton, budget, no_split_module_classes=no_split)
+    offloaded = sorted(name for name, d in device_map.items() if d in ("cpu", "disk"))
+    if offloaded:
+        gib = 2**30
+        text = config.text_config
+        kv = 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
+        gpus = ", ".join(f"GPU {k}: {v / gib:.1f} GiB" for k, v in budget.items() if isinstance(k, int)) or "none"
+        raise NotEnoughGPUMemory(
+            f"the model does not fit the GPU memory: its {str(dtype).removeprefix('torch.')} weights need "
+            f"{compute_module_sizes(skeleton)[''] / gib:.1f} GiB, plus the KV cache "
+            f"({kv * dtype.itemsize * 1000 / 2**20:.0f} MiB per 1k tokens) and activations; usable for weights: "
+            f"{gpus}. {len(offloaded)} module(s) would run from CPU/disk ({', '.join(offloaded[:3])}"
+            f"{' …' if len(offloaded) > 3 else ''}), copying their weights over PCIe on every token. "
+            "Use a larger GPU or more GPUs, or set METIS_OFFLOAD=1 to accept the offload (slow; "
+            "router fine-tuning then cannot run)."
+        )
+    return device_map
 
 
 def _flash_attn_imports() -> bool:
@@ -167,24 +221,40 @@ def pick_cpu_threads(model, threads: int | None) -> int:
     return 1 if model.num_parameters() < SMALL_CPU_MODEL else torch.get_num_threads()
 
 
+def placement(config: MetisHomeConfig, device: str, dtype: torch.dtype, offload: bool) -> dict:
+    """`from_pretrained`'s device_map: none on CPU, and none on ZeroGPU, whose `spaces` emulates one
+    CUDA device and expects `.to("cuda")`; otherwise the checked GPU-only map, or accelerate's
+    "auto" (which may offload) when offload was asked for."""
+    if device == "cpu" or zero_gpu():
+        return {}
+    return {"device_map": "auto" if offload else gpu_device_map(config, dtype, device)}
+
+
 def load(spec: str | None = None, device: str | None = None, dtype: str | None = None,
-         attn_implementation: str | None = None, allow_pickle: bool = False, cpu_threads: int | None = None):
+         attn_implementation: str | None = None, allow_pickle: bool = False, cpu_threads: int | None = None,
+         offload: bool | None = None):
     """-> (model, tokenizer, image_processor, prompt_config, info), the arguments of `Engine`.
 
+    `device`: "cuda" spreads the model over every visible GPU, "cuda:N" puts it on that one.
+    `offload` (default: env METIS_OFFLOAD=1) lets a model larger than the GPUs spill to CPU/disk.
     On CPU this sets torch's intra-op threads for the process (`pick_cpu_threads`)."""
-    path = resolve_checkpoint(spec)
+    if zero_gpu() and "spaces" not in sys.modules:
+        raise RuntimeError("SPACES_ZERO_GPU is set but `spaces` was not imported before the model loaded: "
+                           "import spaces first (app.py does), before torch touches CUDA")
+    offload = os.environ.get("METIS_OFFLOAD") == "1" if offload is None else offload
+    path = resolve_checkpoint(spec, allow_pickle)
     config = MetisHomeConfig.from_pretrained(path)
     shapes = checkpoint_shapes(path, allow_pickle)
     if shapes:
         config = reconcile_config(config, shapes)
         check_checkpoint(config, shapes)
-    device, torch_dtype, attn = pick_runtime(device, dtype, attn_implementation)
-    placement = {"device_map": "auto"} if device == "cuda" else {}
+    device, torch_dtype, attn = pick_runtime(device, dtype, attn_implementation, config.dtype)
+    where = placement(config, device, torch_dtype, offload)
     model = MetisHomeForConditionalGeneration.from_pretrained(
         path, config=config, dtype=torch_dtype, attn_implementation=attn,
-        use_safetensors=bool(shapes), **placement,
+        use_safetensors=bool(shapes), **where,
     )
-    if not placement:
+    if not where:
         model.to(device)
     if device == "cpu":
         torch.set_num_threads(pick_cpu_threads(model, cpu_threads))

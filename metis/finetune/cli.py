@@ -1,7 +1,9 @@
 """`python -m metis finetune --data FILE --out DIR`: train a router, write router.safetensors + metrics.json.
 
 Exit status 0 on success, 2 when the dataset is invalid (every bad line listed on stderr), 130 when
-interrupted. Runs unchanged under `accelerate launch -m metis finetune ...`.
+interrupted. Under `accelerate launch -m metis finetune ...` each process loads the model onto its
+own device, extracts the features of its own shard of the examples, and the shards are gathered
+before training; one process writes the results.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 from tqdm import tqdm
 
 from .data import DatasetError, load_dataset
-from .features import extract_features
+from .features import Features, extract_features
 from .trainer import RouterTrainer, TrainSettings
 
 
@@ -33,6 +35,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-model", default=None, help="also save a full checkpoint with the new router here")
 
 
+def process_device(state) -> str | None:
+    """Under `accelerate launch`, this process's own device (a whole copy of the model per GPU);
+    alone, None: the model spreads over every visible GPU."""
+    return str(state.device) if state.num_processes > 1 else None
+
+
+def process_features(engine, examples: list, cache_dir: str | None, state) -> Features:
+    """The features of this process's contiguous shard of the examples (all of them when alone)."""
+    with state.split_between_processes(examples) as shard, \
+            tqdm(total=len(shard), desc=f"features {state.process_index}", unit="ex") as bar:
+        return extract_features(engine, shard, cache_dir, lambda i, n: bar.update(i - bar.n))
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         settings = TrainSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
@@ -48,13 +63,17 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
     from ..generation import Engine
     from .export import save_model
 
-    engine = Engine.load(args.model)
+    state = PartialState()
+    engine = Engine.load(args.model, device=process_device(state))
     try:
-        with tqdm(total=len(examples), desc="features", unit="ex") as bar:
-            features = extract_features(engine, examples, args.cache_dir, lambda i, n: bar.update(1))
+        mine = process_features(engine, examples, args.cache_dir, state)
+        features = Features.concat(gather_object([mine]))  # in process order: the examples' order
         trainer = RouterTrainer(engine.model, features, settings)
         with tqdm(total=settings.epochs, desc="epochs", unit="ep") as bar:
             for m in trainer:

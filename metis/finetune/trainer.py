@@ -117,12 +117,12 @@ class RouterTrainer:
         self.features = features
         self.threshold = model.config.routing_threshold
         self.think = model.config.thinking_expert
-        blocks = sorted(model.moe_blocks(), key=lambda b: b.moe_index)
-        names = {id(m): n for n, m in model.named_modules()}
-        self.names = [f"{names[id(b)]}.gate.weight" for b in blocks]
-        self.dtype = blocks[0].gate.weight.dtype
+        # the gates as extracted with the features, in layer order; the model's own weights are
+        # not read here (on ZeroGPU they live in the GPU process)
+        self.names = list(features.router)
+        self.dtype = next(iter(features.router.values())).dtype
         self.accelerator = accelerator or Accelerator()
-        self.gates = GateStack([b.gate.weight for b in blocks])
+        self.gates = GateStack(list(features.router.values()))
         train_idx, val_idx = split(len(features.targets), self.settings.val_fraction, self.settings.seed)
         device = self.accelerator.device
         self.val = (features.inputs[val_idx].to(device), features.targets[val_idx].to(device))

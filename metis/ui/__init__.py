@@ -44,7 +44,7 @@ def build_demo(engine_or_error) -> gr.Blocks:
             from .finetune import build_finetune_tab
 
             with gr.Tab("Fine-tune router"):
-                build_finetune_tab(engine_or_error, router)
+                build_finetune_tab(engine_or_error, router, runner)
         with gr.Tab("Model"):
             model_tab.build(info, None if runner.available else engine_or_error.error)
     return demo

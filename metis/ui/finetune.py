@@ -17,9 +17,10 @@ import gradio as gr
 import plotly.graph_objects as go
 
 from ..finetune.data import DatasetError, load_dataset, unpack_upload
-from ..finetune.features import Cancelled, extract_features
+from ..finetune.features import Cancelled, collect_features
 from ..finetune.sample import SAMPLE_FILE
 from ..finetune.trainer import RouterTrainer, TrainSettings
+from .runtime import Runner
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,12 @@ def _unchanged() -> tuple:
 
 
 class FinetuneTab:
-    """Handlers of the tab; `cancels` maps a browser session to its run's cancel event."""
+    """Handlers of the tab; `cancels` maps a browser session to its run's cancel event. The model
+    is reached through the same `Runner` as chat, so on ZeroGPU feature extraction runs on the GPU."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, runner: Runner | None = None):
         self.engine = engine
+        self.runner = runner or Runner(engine)
         self.cancels: dict[str, threading.Event] = {}
 
     def enqueue(self, request: gr.Request) -> str:
@@ -138,8 +141,8 @@ class FinetuneTab:
         nothing = _unchanged()
         yield (f"Extracting router features of {len(examples)} queries…", *nothing)
         try:
-            features = extract_features(
-                self.engine, examples, cancel=cancel,
+            features = collect_features(
+                self.runner.features(examples), len(examples), cancel=cancel,
                 progress=lambda i, n: progress((i, n), desc="features (one prefill per query)"))
         except Cancelled:
             yield ("Cancelled.", *nothing)
@@ -170,9 +173,9 @@ class FinetuneTab:
         return result.router, "The chat tab now uses the fine-tuned router (this browser session only)."
 
 
-def build_finetune_tab(engine, session_router: gr.State) -> FinetuneTab:
+def build_finetune_tab(engine, session_router: gr.State, runner: Runner | None = None) -> FinetuneTab:
     """Lay the tab's components out in the current Blocks/Tab context and wire the handlers."""
-    tab = FinetuneTab(engine)
+    tab = FinetuneTab(engine, runner)
     gr.Markdown("Fine-tune only the **router** on labelled queries (`think` or `direct`); the experts stay "
                 "frozen. Upload a `.jsonl`/`.csv` (columns `text`, `images`, `label`) with its images, or "
                 "a zip of its folder.")

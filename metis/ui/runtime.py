@@ -7,12 +7,14 @@ and the way Stop ends an answer are written once.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 
+from ..finetune.data import Example
+from ..finetune.features import Features, feature_steps
 from ..generation import GenerationSettings
+from ..loading import zero_gpu
 from ..prompting import Message
 from ..routing import RoutingTrace
 from ..streaming import AnswerDelta, Progress, ReasoningDelta
@@ -44,12 +46,12 @@ class UnavailableEngine:
 
 
 def gpu(duration: Callable[..., int]):
-    """`spaces.GPU(duration=...)` on a ZeroGPU Space; elsewhere the function unchanged."""
-    if os.environ.get("SPACES_ZERO_GPU"):
-        with contextlib.suppress(ImportError):
-            import spaces
+    """`spaces.GPU(duration=...)` on a ZeroGPU Space; elsewhere the function unchanged. On ZeroGPU
+    an import failure propagates: without `spaces` the model would silently run on CPU."""
+    if zero_gpu():
+        import spaces
 
-            return spaces.GPU(duration=duration)
+        return spaces.GPU(duration=duration)
     return lambda fn: fn
 
 
@@ -57,6 +59,12 @@ def gpu_seconds(max_new_tokens: int) -> int:
     """GPU time to reserve for an answer: prefill plus ~25 tokens/s for a 7B model, capped at
     ZeroGPU's usual 5-minute maximum."""
     return int(min(300, 20 + max_new_tokens / 25))
+
+
+def feature_seconds(examples: int) -> int:
+    """GPU time to reserve for router features: one prefill per example (well under a second for a
+    7B model), capped like `gpu_seconds`."""
+    return int(min(300, 30 + examples))
 
 
 def settings(mode: str, threshold: float | None, thinking_budget: float | None, max_new_tokens: float,
@@ -98,7 +106,11 @@ class Runner:
         def route(messages: list[Message], mode: str, threshold: float | None, router=None) -> RoutingTrace:
             return engine.route(messages, mode, threshold, router=router)
 
-        self.events, self.route = events, route
+        @gpu(duration=lambda examples, cache_dir=None: feature_seconds(len(examples)))
+        def features(examples: list[Example], cache_dir: str | None = None) -> Iterator[int | Features]:
+            yield from feature_steps(engine, examples, cache_dir)
+
+        self.events, self.route, self.features = events, route, features
 
     def answer(self, messages: list[Message], settings: GenerationSettings, router=None,
                cancel: threading.Event | None = None) -> Iterator[ChatTurn]:
