@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -105,6 +107,26 @@ def lr_at(progress: float, step: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+    """AdamW state as safetensors (no pickle): one tensor per parameter and moment, the param
+    groups as JSON metadata."""
+    state = opt.state_dict()
+    tensors = {f"{i}.{k}": v.reshape(-1) if v.dim() == 0 else v
+               for i, entry in state["state"].items() for k, v in entry.items()}
+    save_file(tensors, path, metadata={"param_groups": json.dumps(state["param_groups"])})
+
+
+def load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+    with safe_open(path, "pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+        state: dict[int, dict] = {}
+        for name in f.keys():
+            i, k = name.split(".", 1)
+            v = f.get_tensor(name)
+            state.setdefault(int(i), {})[k] = v.reshape(()) if k == "step" else v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
 class Checkpoints:
     """The latest state of a run, so a stopped run resumes where it was (`--resume`)."""
 
@@ -114,7 +136,7 @@ class Checkpoints:
     def save(self, model, opt, state: dict) -> None:
         tmp = self.dir.with_name("checkpoint.tmp")
         model.save_pretrained(tmp / "model")
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        save_optimizer(opt, tmp / "optimizer.safetensors")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         if self.dir.exists():
             self.dir.rename(self.dir.with_name("checkpoint.old"))
@@ -144,7 +166,7 @@ def train_stage(name, model, enc, args, stage: int, seconds: float, max_steps: i
     opt = make_optimizer(model, lr)
     step, done_before, history = 0, 0.0, []
     if resume:
-        opt.load_state_dict(torch.load(ckpt.dir / "optimizer.pt", weights_only=True))
+        load_optimizer(opt, ckpt.dir / "optimizer.safetensors")
         step, done_before, history = resume["step"], resume["seconds"], resume["history"]
     params = [p for p in model.parameters() if p.requires_grad]
     stream = Stream(enc, stage, args.seed, model.config.thinking_expert if moe else 0,
