@@ -16,6 +16,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import compute_module_sizes, get_balanced_memory, get_max_memory, infer_auto_device_map
@@ -176,10 +177,12 @@ def gpu_device_map(config: MetisHomeConfig, dtype: torch.dtype, device: str = "c
     fine-tuned routers. `max_memory` (accelerate's form) stands in for the GPUs' free memory."""
     with init_empty_weights():
         skeleton = MetisHomeForConditionalGeneration(config).to(dtype)
-    if ":" in device:  # that GPU alone, keeping accelerate's 10% headroom of a single-GPU map
+    if ":" in device:  # that GPU alone (others untouched), with accelerate's 10% headroom of one GPU
         index = torch.device(device).index
-        free = get_max_memory(None if max_memory is None else dict(max_memory))
-        max_memory = {k: int(v * 0.9) if k == index else v for k, v in free.items() if k in (index, "cpu", "disk")}
+        if max_memory is None:
+            max_memory = {index: torch.cuda.mem_get_info(index)[0], "cpu": psutil.virtual_memory().available}
+        max_memory = {k: int(v * 0.9) if k == index else v for k, v in get_max_memory(dict(max_memory)).items()
+                      if k in (index, "cpu", "disk")}
     no_split = skeleton._no_split_modules
     budget = get_balanced_memory(skeleton, max_memory and dict(max_memory), no_split_module_classes=no_split)
     device_map = infer_auto_device_map(skeleton, budget, no_split_module_classes=no_split)

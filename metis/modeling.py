@@ -112,12 +112,14 @@ class MetisHomeMoeBlock(nn.Module):
         weights, chosen = logits.float().softmax(-1).topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
-        # Dispatch by index: (token, slot) pairs sorted by expert, one host read of the group sizes
-        # per layer (a GPU sync each; branching on `sel.any()` and boolean indexing took four).
-        # Groups keep ascending token order and experts add in index order, as before.
+        # Dispatch by index: (token, slot) pairs sorted by expert, and one host read of the group
+        # sizes per layer, the only GPU sync (branching on `sel.any()` and boolean indexing took
+        # two per expert). Groups keep ascending token order and experts add in index order, so
+        # the sums are those of per-expert masks, bit for bit.
         flat = x.reshape(-1, x.shape[-1])
-        order = chosen.flatten().argsort(stable=True)
-        sizes = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
+        picks = chosen.flatten()
+        order = picks.argsort(stable=True)
+        sizes = (picks.unsqueeze(1) == torch.arange(len(self.experts), device=x.device)).sum(0).tolist()
         tokens = order // self.top_k
         scale = weights.flatten()[order].unsqueeze(-1).to(x.dtype)
         out = torch.zeros_like(flat)
