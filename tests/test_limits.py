@@ -112,3 +112,50 @@ def test_a_server_file_named_in_a_forged_upload_is_refused(app):
     forged = '[{"text": "hi", "files": [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}]}, "auto", 0.5]'
     stream = raw_call(app, "/route", forged)
     assert "event: error" in stream and "root:" not in stream
+
+
+# -- the format's tags never reach the displayed text ---------------------------------------------
+
+from metis.streaming import AnswerDelta, OutputParser, ReasoningDelta  # noqa: E402
+
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def parse(pieces):
+    parser = OutputParser()
+    events = [e for p in pieces for e in parser.feed(p)] + parser.finish()
+    return ("".join(e.text for e in events if isinstance(e, ReasoningDelta)),
+            "".join(e.text for e in events if isinstance(e, AnswerDelta)))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<think>a</think><answer>b</answer>", ("a", "b")),
+    ("<think>a <think>b</think><answer>c</answer>", ("a b", "c")),
+    ("<think>a</answer> b</think><answer>c</answer>", ("a b", "c")),
+    ("<think>a<answer>b</answer>", ("a", "b")),  # the answer opened while still reasoning
+    ("</think>b", ("", "b")),
+    ("</answer>b", ("", "b")),
+    ("<answer>b <think>c</think> d <answer>e</answer>", ("", "b c d e")),
+    ("plain <think>x</think> answer</answer> after", ("", "plain x answer")),
+    ("<think></think><answer>b</answer></think><think>", ("", "b")),
+    ("<think></think> <think>more</think> <answer>b", ("more", "b")),
+    ("<answer>b</ans", ("", "b")),  # cut off by the token limit mid-tag
+    ("<answer>x < y and y<z", ("", "x < y and y<z")),
+])
+def test_stray_tags_are_absorbed_wherever_they_are(text, expected):
+    assert parse([text]) == expected
+    assert parse(list(text)) == expected  # one character at a time: every tag split across pieces
+    for cut in range(1, len(text)):
+        assert parse([text[:cut], text[cut:]]) == expected
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_no_tag_survives_random_mixtures(seed):
+    import random
+
+    rng = random.Random(seed)
+    words = [*TAGS, "x", " y", "<", "</", "<thin", "k>", "answer", ">", "\n"]
+    pieces = [rng.choice(words) for _ in range(60)]
+    reasoning, answer = parse(pieces)
+    for tag in TAGS:
+        assert tag not in reasoning and tag not in answer
