@@ -72,15 +72,18 @@ class OutputParser:
     """Splits `<think>…</think><answer>…</answer>` (or the direct forms, with or without
     `<answer>`) into reasoning and answer text while it streams.
 
-    Text that could be the start of a tag is held back until the next piece decides it, so a tag
-    split across tokens (`</th` + `ink>`) never leaks into the output.
+    The four tags are the format, never content: wherever one appears, it moves the state on if
+    it means something there and is absorbed otherwise (a model out of its depth writes stray
+    `</answer>` or `<think>` mid-answer). Text that could be the start of a tag is held back until
+    the next piece decides it, so a tag split across tokens (`</th` + `ink>`) never leaks either.
     """
 
-    # state -> the tags that may follow, and the state each leads to
+    TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+    # state -> the tags that move it on, and where; every other tag is dropped where it stands
     _NEXT = {
-        "start": {THINK_OPEN: "think", ANSWER_OPEN: "answer"},
-        "think": {THINK_CLOSE: "between"},
-        "between": {ANSWER_OPEN: "answer"},
+        "start": {THINK_OPEN: "think", THINK_CLOSE: "between", ANSWER_OPEN: "answer"},
+        "think": {THINK_CLOSE: "between", ANSWER_OPEN: "answer"},  # an answer opened unclosed reasoning
+        "between": {THINK_OPEN: "think", ANSWER_OPEN: "answer"},
         "answer": {ANSWER_CLOSE: "end"},
         "end": {},
     }
@@ -93,15 +96,19 @@ class OutputParser:
         self._pending += text
         out: list[ReasoningDelta | AnswerDelta] = []
         while self._pending:
-            tags = self._NEXT[self.state]
-            hits = [(self._pending.find(t), t) for t in tags if t in self._pending]
+            hits = [(pos, tag) for tag in self.TAGS if (pos := self._pending.find(tag)) >= 0]
             if hits:
                 pos, tag = min(hits)
-                self._emit(self._pending[:pos], out)
-                self._pending = self._pending[pos + len(tag) :]
-                self.state = tags[tag]
+                before, after = self._pending[:pos], self._pending[pos + len(tag) :]
+                if self.state in ("start", "between") and before.strip():
+                    self.state = "answer"  # text before any tag: the direct form without <answer>
+                if tag not in self._NEXT[self.state]:
+                    self._pending = before + after  # dropped; look again, its neighbours may form a tag
+                    continue
+                self._emit(before, out)
+                self._pending, self.state = after, self._NEXT[self.state][tag]
                 continue
-            keep = max((self._partial(tag) for tag in tags), default=0)
+            keep = max(self._partial(tag) for tag in self.TAGS)
             cut = len(self._pending) - keep
             if self.state in ("start", "between") and not self._pending[:cut].strip() and keep:
                 break  # only whitespace before a possible tag: wait
@@ -111,8 +118,10 @@ class OutputParser:
         return out
 
     def finish(self) -> list[ReasoningDelta | AnswerDelta]:
+        """The held-back rest, less a tag cut off at the very end (by the token limit, or Stop)."""
         out: list[ReasoningDelta | AnswerDelta] = []
-        self._emit(self._pending, out)
+        partial = max(self._partial(tag) for tag in self.TAGS)
+        self._emit(self._pending[: -partial] if partial > 1 else self._pending, out)
         self._pending = ""
         return out
 

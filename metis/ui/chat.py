@@ -7,6 +7,9 @@ import logging
 from functools import partial
 
 import gradio as gr
+from gradio.components.multimodal_textbox import MultimodalData
+from pydantic import ValidationError, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from .events import LATEX_DELIMITERS, error_message, to_messages, user_bubbles
 from .examples import EXAMPLES
@@ -14,6 +17,8 @@ from .explanation import last_image_heatmap, question_scores
 from .plots import history_figure, routing_figure
 from .runtime import USER_ERRORS, Runner, settings
 from .session import Session, stats_markdown
+from . import values
+from .values import ValueProblem, message_parts
 
 log = logging.getLogger(__name__)
 MODES = [("Auto (router decides)", "auto"), ("Think", "think"), ("Direct", "direct")]
@@ -32,6 +37,32 @@ def settings_controls(threshold: float) -> list[gr.components.Component]:
         gr.Slider(0, 2, value=0, step=0.05, label="Temperature", info="0 = greedy"),
         gr.Slider(0.01, 1, value=1, step=0.01, label="Top-p"),
     ]
+
+
+class _ApiMessageData(MultimodalData):
+    """The API's `message`, still checked by Gradio (files must be its own uploads), but a malformed
+    one is carried to the handler as `problem` instead of failing as an anonymous validation error
+    (Gradio reports only its own errors raised in handlers)."""
+
+    problem: SkipJsonSchema[str | None] = None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _named(cls, value, handler):
+        try:
+            message_parts(value)
+            return handler(value)
+        except ValueProblem as exc:
+            return cls(text="", problem=str(exc))
+        except ValidationError:
+            return cls(text="", problem="message.files: each file must be uploaded with gradio_client's handle_file()")
+
+
+def api_messages(message) -> list:
+    """The API's raw `message` -> library messages, or a ValueProblem naming what is wrong."""
+    if isinstance(message, dict) and message.get("problem"):
+        raise ValueProblem(message["problem"])
+    return to_messages(user_bubbles(*message_parts(message)))
 
 
 # -- chat tab handlers (module level so tests can call them with an engine) --------------------
@@ -148,7 +179,7 @@ def build(runner: Runner, session: gr.State, router: gr.State, threshold: float)
         (metadata title/status/duration) or a "answered directly" note, then the answer."""
         try:
             request = settings(mode, threshold, thinking_budget, max_new_tokens, temperature, top_p)
-            messages = to_messages(user_bubbles(message.get("text", ""), message.get("files", [])))
+            messages = api_messages(message)
             for turn in runner.answer(messages, request, router_value):
                 yield turn.messages()
         except USER_ERRORS as exc:
@@ -160,12 +191,17 @@ def build(runner: Runner, session: gr.State, router: gr.State, threshold: float)
         """The router's decision for a question, without generating: p_think, decision,
         per_layer, threshold, mode, and `contributions` (each prompt token's push toward think)."""
         try:
-            messages = to_messages(user_bubbles(message.get("text", ""), message.get("files", [])))
-            return runner.route(messages, mode, threshold, router_value).to_dict()
+            messages = api_messages(message)
+            threshold = values.number("threshold", threshold, optional=True)
+            return runner.route(messages, values.mode(mode), threshold, router_value).to_dict()
         except USER_ERRORS as exc:
             raise gr.Error(str(exc)) from None
 
+    # raw values (preprocess=False): `settings` and `message_parts` name the parameter a bad one is for
+    message = gr.MultimodalTextbox(visible=False, label="message")
+    message.data_model = _ApiMessageData  # on the instance: a subclass would make Gradio write a .pyi here
     api_chat = gr.Chatbot(visible=False, label="messages")
-    gr.on([], chat, [textbox, *controls, router], api_chat, api_name="chat", concurrency_id="model")
-    gr.on([], route, [textbox, controls[0], controls[1], router], gr.JSON(visible=False, label="trace"),
-          api_name="route", concurrency_id="model")
+    gr.on([], chat, [message, *controls, router], api_chat, api_name="chat", concurrency_id="model",
+          preprocess=False)
+    gr.on([], route, [message, controls[0], controls[1], router], gr.JSON(visible=False, label="trace"),
+          api_name="route", concurrency_id="model", preprocess=False)

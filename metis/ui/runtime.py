@@ -19,6 +19,7 @@ from ..prompting import Message
 from ..routing import RoutingTrace
 from ..streaming import AnswerDelta, Progress, ReasoningDelta
 from .events import ChatTurn
+from .values import settings  # noqa: F401  (where the tabs and tests take it from)
 
 STREAM_INTERVAL_S = 0.05  # at most ~20 screen updates per second; a fast model makes hundreds of tokens
 
@@ -65,28 +66,6 @@ def feature_seconds(examples: int) -> int:
     """GPU time to reserve for router features: one prefill per example (well under a second for a
     7B model), capped like `gpu_seconds`."""
     return int(min(300, 30 + examples))
-
-
-def settings(mode: str, threshold: float | None, thinking_budget: float | None, max_new_tokens: float,
-             temperature: float, top_p: float) -> GenerationSettings:
-    """UI/API values -> settings. Numbers arrive as floats from sliders and JSON; a non-integer
-    token count is refused rather than rounded, like every other out-of-range value."""
-    def count(name: str, value):
-        if value is None or value == "":
-            return None
-        if float(value) != int(float(value)):
-            raise ValueError(f"{name} must be a whole number, got {value}")
-        return int(float(value))
-
-    budget = count("thinking_budget", thinking_budget)
-    return GenerationSettings(
-        mode=str(mode).lower(),
-        threshold=None if threshold is None else float(threshold),
-        max_new_tokens=count("max_new_tokens", max_new_tokens),
-        thinking_budget=budget or None,  # 0 in the UI means "no budget"
-        temperature=float(temperature),
-        top_p=float(top_p),
-    )
 
 
 class Runner:

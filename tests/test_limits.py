@@ -1,0 +1,161 @@
+"""What one request may cost, and how it is told when it asks for more: malformed API values,
+the format's tags in the answer, image pixels, fine-tuning uploads, prompt tokens and time."""
+
+import json
+import urllib.request
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from loadtest import free_port
+from metis.ui import build_demo
+
+
+@pytest.fixture(scope="module")
+def app(engine):
+    demo = build_demo(engine)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield demo.local_url.rstrip("/")
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return Client(app, verbose=False)
+
+
+HI = {"text": "hi", "files": []}
+MALFORMED_MESSAGES = [
+    ("abc", "message must be an object"),
+    (None, "message must be an object"),
+    (["hi"], "message must be an object"),
+    ({"text": 5}, "message.text must be a string"),
+    ({"text": "hi", "files": "x.png"}, "message.files must be a list"),
+    ({"text": "hi", "files": [5]}, r"message.files\[0\] must be a file"),
+    ({"text": "hi", "files": [{"path": "x.png"}]}, "message.files: each file must be uploaded"),
+]
+# parameter -> (bad value, what the message must say); every parameter of /chat besides `message`
+MALFORMED_SETTINGS = [
+    ("mode", None, "mode must be one of auto, think, direct"),
+    ("mode", 5, "mode must be one of auto, think, direct"),
+    ("mode", "token", "mode must be one of auto, think, direct"),
+    ("threshold", "abc", "threshold must be a number"),
+    ("threshold", [0.5], "threshold must be a number"),
+    ("threshold", 2, r"threshold must be within \[0, 1\]"),
+    ("thinking_budget", "abc", "thinking_budget must be a number"),
+    ("thinking_budget", 2.5, r"thinking_budget must be a whole number \(integer\), got 2.5"),
+    ("thinking_budget", True, "thinking_budget must be a number"),
+    ("thinking_budget", -1, "thinking_budget must be within"),
+    ("max_new_tokens", None, "max_new_tokens must be a number"),
+    ("max_new_tokens", "many", "max_new_tokens must be a number"),
+    ("max_new_tokens", 12.5, "max_new_tokens must be a whole number"),
+    ("max_new_tokens", 0, "max_new_tokens must be within"),
+    ("temperature", "hot", "temperature must be a number"),
+    ("temperature", None, "temperature must be a number"),
+    ("temperature", 100, "temperature must be within"),
+    ("top_p", [1], "top_p must be a number"),
+    ("top_p", {}, "top_p must be a number"),
+    ("top_p", 0, "top_p must be within"),
+]
+ROUTE_PARAMETERS = ("mode", "threshold")
+
+
+@pytest.mark.parametrize("api", ["/chat", "/route"])
+@pytest.mark.parametrize("message, says", MALFORMED_MESSAGES)
+def test_malformed_message_is_named(client, api, message, says):
+    with pytest.raises(AppError, match=says):
+        client.predict(message, api_name=api)
+
+
+@pytest.mark.parametrize("name, value, says", MALFORMED_SETTINGS)
+def test_malformed_chat_setting_is_named(client, name, value, says):
+    with pytest.raises(AppError, match=says) as raised:
+        client.predict(HI, api_name="/chat", **{name: value})
+    assert "direct, token" not in str(raised.value)  # the hidden mode is never listed
+
+
+@pytest.mark.parametrize("name, value, says", [c for c in MALFORMED_SETTINGS if c[0] in ROUTE_PARAMETERS])
+def test_malformed_route_setting_is_named(client, name, value, says):
+    with pytest.raises(AppError, match=says):
+        client.predict(HI, api_name="/route", **{name: value})
+
+
+def raw_call(app: str, api: str, data_json: str) -> str:
+    """A request as any HTTP client may send it (gradio_client cannot send NaN): the error text."""
+    request = urllib.request.Request(f"{app}/gradio_api/call{api}", data=f'{{"data": {data_json}}}'.encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        event = json.load(response)["event_id"]
+    with urllib.request.urlopen(f"{app}/gradio_api/call{api}/{event}", timeout=60) as response:
+        return response.read().decode()
+
+
+@pytest.mark.parametrize("api, data, says", [
+    ("/chat", '[{"text": "hi", "files": []}, "auto", 0.5, NaN, 8, 0, 1]', "thinking_budget must be a finite number"),
+    ("/chat", '[{"text": "hi", "files": []}, "auto", 0.5, 0, Infinity, 0, 1]', "max_new_tokens must be a finite"),
+    ("/route", '[{"text": "hi", "files": []}, "auto", NaN]', "threshold must be a finite number"),
+])
+def test_nan_and_infinity_are_named(app, api, data, says):
+    stream = raw_call(app, api, data)
+    assert "event: error" in stream and says in stream and "null" not in stream.split("event: error")[1]
+
+
+def test_null_threshold_and_budget_mean_the_defaults(client):
+    assert client.predict(HI, mode="direct", threshold=None, thinking_budget=None, max_new_tokens=2.0,
+                          api_name="/chat")
+    assert client.predict(HI, mode="Think", threshold=None, api_name="/route")["mode"] == "think"
+
+
+def test_a_server_file_named_in_a_forged_upload_is_refused(app):
+    forged = '[{"text": "hi", "files": [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}]}, "auto", 0.5]'
+    stream = raw_call(app, "/route", forged)
+    assert "event: error" in stream and "root:" not in stream
+
+
+# -- the format's tags never reach the displayed text ---------------------------------------------
+
+from metis.streaming import AnswerDelta, OutputParser, ReasoningDelta  # noqa: E402
+
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def parse(pieces):
+    parser = OutputParser()
+    events = [e for p in pieces for e in parser.feed(p)] + parser.finish()
+    return ("".join(e.text for e in events if isinstance(e, ReasoningDelta)),
+            "".join(e.text for e in events if isinstance(e, AnswerDelta)))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<think>a</think><answer>b</answer>", ("a", "b")),
+    ("<think>a <think>b</think><answer>c</answer>", ("a b", "c")),
+    ("<think>a</answer> b</think><answer>c</answer>", ("a b", "c")),
+    ("<think>a<answer>b</answer>", ("a", "b")),  # the answer opened while still reasoning
+    ("</think>b", ("", "b")),
+    ("</answer>b", ("", "b")),
+    ("<answer>b <think>c</think> d <answer>e</answer>", ("", "b c d e")),
+    ("plain <think>x</think> answer</answer> after", ("", "plain x answer")),
+    ("<think></think><answer>b</answer></think><think>", ("", "b")),
+    ("<think></think> <think>more</think> <answer>b", ("more", "b")),
+    ("<answer>b</ans", ("", "b")),  # cut off by the token limit mid-tag
+    ("<answer>x < y and y<z", ("", "x < y and y<z")),
+])
+def test_stray_tags_are_absorbed_wherever_they_are(text, expected):
+    assert parse([text]) == expected
+    assert parse(list(text)) == expected  # one character at a time: every tag split across pieces
+    for cut in range(1, len(text)):
+        assert parse([text[:cut], text[cut:]]) == expected
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_no_tag_survives_random_mixtures(seed):
+    import random
+
+    rng = random.Random(seed)
+    words = [*TAGS, "x", " y", "<", "</", "<thin", "k>", "answer", ">", "\n"]
+    pieces = [rng.choice(words) for _ in range(60)]
+    reasoning, answer = parse(pieces)
+    for tag in TAGS:
+        assert tag not in reasoning and tag not in answer
