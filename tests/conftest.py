@@ -112,3 +112,18 @@ def stream_log(engine, monkeypatch):
 
     monkeypatch.setattr(engine, "stream", stream)
     return log
+
+
+@pytest.fixture(scope="session")
+def rehearsal_checkpoint(tmp_path_factory):
+    """The published checkpoint's packaging with random weights (metis/rehearsal.py)."""
+    from metis.rehearsal import build_rehearsal
+
+    return build_rehearsal(tmp_path_factory.mktemp("metis-home-rehearsal"))
+
+
+@pytest.fixture(scope="session")
+def rehearsal(rehearsal_checkpoint):
+    from metis.generation import Engine
+
+    return Engine.load(str(rehearsal_checkpoint))

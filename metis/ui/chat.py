@@ -149,10 +149,11 @@ def build(runner: Runner, session: gr.State, router: gr.State, threshold: float)
 
     def route(message: dict, mode, threshold, router_value) -> dict:
         """The router's decision for a question, without generating: p_think, decision,
-        per_layer, threshold, mode."""
+        per_layer, threshold, mode, and the attention implementation that ran."""
         try:
             messages = to_messages(user_bubbles(message.get("text", ""), message.get("files", [])))
-            return runner.route(messages, mode, threshold, router_value).to_dict()
+            trace = runner.route(messages, mode, threshold, router_value).to_dict()
+            return {**trace, "attn_implementation": runner.engine.info.attn_implementation}
         except USER_ERRORS as exc:
             raise gr.Error(str(exc)) from None
 
