@@ -1,4 +1,4 @@
-"""Command line: `python -m metis {chat,route,eval,finetune,upcycle}`.
+"""Command line: `python -m metis {chat,route,eval,finetune,upcycle,size}`.
 
 The CLI consumes the same events as the web app; `route` prints the routing trace as JSON.
 """
@@ -11,9 +11,12 @@ import sys
 
 from .explain import strongest
 from .generation import Engine, GenerationSettings
+from .loading import ROOT
 from .prompting import Message
 from .routing import MODES
 from .streaming import AnswerDelta, Done, Failed, ReasoningDelta, Routed
+
+PUBLISHED_CONFIG = ROOT / "assets" / "reference" / "metis-home-config.json"
 
 
 def _messages(args) -> list[Message]:
@@ -70,6 +73,14 @@ def upcycle(args) -> int:
     return 0
 
 
+def size(args) -> int:
+    from .sizing import model_size, report
+
+    measured = model_size(args.checkpoint)
+    print(json.dumps(measured.to_dict(), indent=2) if args.json else report(measured))
+    return 0
+
+
 def evaluate(args) -> int:
     from .tiny.evaluate import main
 
@@ -111,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--thinking-expert", type=int, default=0)
     p.set_defaults(func=upcycle)
+
+    p = sub.add_parser("size", help="parameters, bf16 weight and KV-cache memory, Spaces GPU tiers")
+    p.add_argument("checkpoint", nargs="?", default=str(PUBLISHED_CONFIG),
+                   help="checkpoint folder (tensor shapes) or config.json (default: the published config)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=size)
 
     p = with_model(sub.add_parser("eval", help="evaluate on the tiny world's held-out splits and natural questions"))
     p.add_argument("--limit", type=int, default=None, help="shapes questions per split (default 300)")

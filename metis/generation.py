@@ -251,12 +251,12 @@ class Engine:
                 shown = False
                 for token in batch:
                     tokens += 1
-                    for event in parser.feed(decoder.push(token)):
-                        shown = True
-                        yield event
+                    # one Progress per token that shows nothing: the events follow from the
+                    # tokens alone, never from how the handoff happened to batch them
+                    if not (events := parser.feed(decoder.push(token))):
+                        events = [Progress(tokens)]
+                    yield from events
                     thinking += parser.in_reasoning
-                if not shown:
-                    yield Progress(tokens)
                 last = batch[-1]
             yield from parser.finish()
         finally:

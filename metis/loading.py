@@ -278,7 +278,7 @@ def describe(model: MetisHomeForConditionalGeneration, checkpoint: str, attn: st
         checkpoint=checkpoint,
         device=str(model.device),
         dtype=str(model.dtype).removeprefix("torch."),
-        attn_implementation=attn,
+        attn_implementation=model.config._attn_implementation or attn,  # what transformers set up
         num_experts=len(per_expert),
         thinking_expert=model.config.thinking_expert,
         params_total=total,

@@ -66,8 +66,11 @@ class PromptBuilder:
     def _text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
-    def _turn(self, role: str, body: list[int]) -> list[int]:
-        return [self.im_start, *self._text(f"{role}\n"), *body, self.im_end, *self._text("\n")]
+    def _turn(self, role: str, text: str, images: list[int] | None = None) -> list[int]:
+        # the role line and the text are one string when nothing sits between them, as the chat
+        # template renders it: a byte-level BPE merges "\n" with a leading newline or space
+        body = [*self._text(f"{role}\n"), *images, *self._text(text)] if images else self._text(f"{role}\n{text}")
+        return [self.im_start, *body, self.im_end, *self._text("\n")]
 
     def validate(self, messages: list[Message]) -> None:
         if not messages or messages[-1].role != "user":
@@ -100,16 +103,16 @@ class PromptBuilder:
             counts = (vision["image_grid_thw"].prod(-1) // self.merge**2).tolist()
         ids: list[int] = []
         if self.system_prompt:
-            ids += self._turn("system", self._text(self.system_prompt))
+            ids += self._turn("system", self.system_prompt)
         slot = iter(counts)
         for m in messages:
             if m.role == "user":
-                body = []
+                images = []
                 for _ in m.images:
-                    body += [self.vision_start, *[self.image_pad] * next(slot), self.vision_end]
-                ids += self._turn("user", body + self._text(m.text))
+                    images += [self.vision_start, *[self.image_pad] * next(slot), self.vision_end]
+                ids += self._turn("user", m.text, images)
             else:
-                ids += self._turn("assistant", self._text(strip_reasoning(m.text)))
+                ids += self._turn("assistant", strip_reasoning(m.text))
         ids += [self.im_start, *self._text("assistant\n")]
         input_ids = torch.tensor([ids])
         return dict(

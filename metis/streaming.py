@@ -31,8 +31,9 @@ class AnswerDelta:
 
 @dataclass(frozen=True)
 class Progress:
-    """Tokens were generated but none shows as text (control tokens, text after `</answer>`).
-    Sent so a consumer still gets control while a model writes nothing visible, e.g. to Stop."""
+    """Token number `tokens` shows no text (a control token, a tag or half a character held
+    back, text after `</answer>`). Sent so a consumer still gets control while a model writes
+    nothing visible, e.g. to Stop."""
 
     tokens: int
 

@@ -84,3 +84,46 @@ def engine(tiny_checkpoint):
     from metis.generation import Engine
 
     return Engine.load(str(tiny_checkpoint))
+
+
+@pytest.fixture
+def stream_log(engine, monkeypatch):
+    """Records every `engine.stream` call: its events, whether it ran to its end or was closed
+    early, and a `first_text` flag a test can wait on instead of sleeping."""
+    import contextlib
+    import threading
+    from types import SimpleNamespace
+
+    from metis.streaming import AnswerDelta, ReasoningDelta
+
+    log = SimpleNamespace(calls=[], first_text=threading.Event())
+    original = engine.stream
+
+    def stream(*args, **kwargs):
+        call = SimpleNamespace(events=[], finished=False)
+        log.calls.append(call)
+        with contextlib.closing(original(*args, **kwargs)) as events:
+            for event in events:
+                call.events.append(event)
+                if isinstance(event, ReasoningDelta | AnswerDelta):
+                    log.first_text.set()
+                yield event
+        call.finished = True
+
+    monkeypatch.setattr(engine, "stream", stream)
+    return log
+
+
+@pytest.fixture(scope="session")
+def rehearsal_checkpoint(tmp_path_factory):
+    """The published checkpoint's packaging with random weights (metis/rehearsal.py)."""
+    from metis.rehearsal import build_rehearsal
+
+    return build_rehearsal(tmp_path_factory.mktemp("metis-home-rehearsal"))
+
+
+@pytest.fixture(scope="session")
+def rehearsal(rehearsal_checkpoint):
+    from metis.generation import Engine
+
+    return Engine.load(str(rehearsal_checkpoint))

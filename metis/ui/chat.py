@@ -189,11 +189,13 @@ def build(runner: Runner, session: gr.State, router: gr.State, threshold: float)
 
     def route(message: dict, mode, threshold, router_value) -> dict:
         """The router's decision for a question, without generating: p_think, decision,
-        per_layer, threshold, mode, and `contributions` (each prompt token's push toward think)."""
+        per_layer, threshold, mode, `contributions` (each prompt token's push toward think) and the
+        attention implementation that ran."""
         try:
             messages = api_messages(message)
             threshold = values.number("threshold", threshold, optional=True)
-            return runner.route(messages, values.mode(mode), threshold, router_value).to_dict()
+            trace = runner.route(messages, values.mode(mode), threshold, router_value).to_dict()
+            return {**trace, "attn_implementation": runner.engine.info.attn_implementation}
         except USER_ERRORS as exc:
             raise gr.Error(str(exc)) from None
 

@@ -7,6 +7,8 @@ and the way Stop ends an answer are written once.
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +19,7 @@ from ..generation import GenerationSettings
 from ..loading import zero_gpu
 from ..prompting import Message
 from ..routing import RoutingTrace
+from ..sizing import decode_tokens_per_s
 from ..streaming import AnswerDelta, Progress, ReasoningDelta
 from .events import ChatTurn
 from .values import settings  # noqa: F401  (where the tabs and tests take it from)
@@ -56,10 +59,12 @@ def gpu(duration: Callable[..., int]):
     return lambda fn: fn
 
 
-def gpu_seconds(max_new_tokens: int) -> int:
-    """GPU time to reserve for an answer: prefill plus ~25 tokens/s for a 7B model, capped at
-    ZeroGPU's usual 5-minute maximum."""
-    return int(min(300, 20 + max_new_tokens / 25))
+def gpu_seconds(max_new_tokens: int, tokens_per_s: float, prefill_s: float = 15.0, cap_s: int = 300) -> int:
+    """GPU time to reserve for an answer: `prefill_s` for moving in, encoding images and the
+    prefill, then every allowed token at the measured or estimated decode rate
+    (sizing.decode_tokens_per_s) with a quarter more for slow steps, capped at ZeroGPU's usual
+    5-minute maximum."""
+    return int(min(cap_s, math.ceil(prefill_s + 1.25 * max_new_tokens / tokens_per_s)))
 
 
 def feature_seconds(examples: int) -> int:
@@ -77,7 +82,9 @@ class Runner:
         self.engine = engine
         self.available = not isinstance(engine, UnavailableEngine)
 
-        @gpu(duration=lambda messages, settings, router=None: gpu_seconds(settings.max_new_tokens))
+        rate = decode_tokens_per_s(engine.info) if self.available else 1.0
+
+        @gpu(duration=lambda messages, settings, router=None: gpu_seconds(settings.max_new_tokens, rate))
         def events(messages: list[Message], settings: GenerationSettings, router=None):
             yield from engine.stream(messages, settings, router=router)
 
