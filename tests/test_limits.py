@@ -40,7 +40,7 @@ MALFORMED_MESSAGES = [
 MALFORMED_SETTINGS = [
     ("mode", None, "mode must be one of auto, think, direct"),
     ("mode", 5, "mode must be one of auto, think, direct"),
-    ("mode", "token", "mode must be one of auto, think, direct"),
+    ("mode", "fast", "mode must be one of auto, think, direct"),
     ("threshold", "abc", "threshold must be a number"),
     ("threshold", [0.5], "threshold must be a number"),
     ("threshold", 2, r"threshold must be within \[0, 1\]"),

@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 
 from ..generation import GenerationSettings
+from ..routing import MODES
 
-PUBLIC_MODES = ("auto", "think", "direct")  # `token` (per-token routing) is a library mode only
+PUBLIC_MODES = ("auto", "think", "direct")  # `token` (per-token routing) works but is not advertised
 
 
 class ValueProblem(ValueError):
@@ -45,7 +46,9 @@ def integer(name: str, value, *, optional: bool = False) -> int | None:
 
 
 def mode(value) -> str:
-    if not isinstance(value, str) or value.strip().lower() not in PUBLIC_MODES:
+    """The public modes, or `token` (per-token routing, kept for experiments and the rehearsal of
+    the real checkpoint); the message lists the public ones only."""
+    if not isinstance(value, str) or value.strip().lower() not in MODES:
         raise ValueProblem(f"mode must be one of {', '.join(PUBLIC_MODES)} (a string), got {value!r}")
     return value.strip().lower()
 
