@@ -43,7 +43,8 @@ def test_bundled_examples_are_served(url):
 
 def test_no_remote_code_or_pickle_loading_in_the_project():
     found = subprocess.run(
-        ["git", "grep", "-nE", r"trust_remote_code *= *True|torch\.load\(|pickle\.load", "--", "*.py"],
+        # tests/ may pickle the project's own objects on purpose (ZeroGPU pickles arguments and events)
+        ["git", "grep", "-nE", r"trust_remote_code *= *True|torch\.load\(|pickle\.load", "--", "*.py", ":!tests/"],
         cwd=ROOT, capture_output=True, text=True,
     ).stdout
     assert found == ""
