@@ -76,10 +76,11 @@ def test_zero_gpu_app_imports_spaces_before_anything_touches_torch(tmp_path):
     assert out.returncode == 0 and json.loads(out.stdout) == [], out.stderr[-2000:]
 
 
-def test_zero_gpu_without_spaces_stops_the_app():
-    env = dict(os.environ, SPACES_ZERO_GPU="1", PYTHONPATH=str(ROOT))
+def test_zero_gpu_stops_the_app_when_spaces_fails_to_import(tmp_path):
+    (tmp_path / "spaces.py").write_text("raise ImportError('spaces cannot start here')\n")
+    env = dict(os.environ, SPACES_ZERO_GPU="1", PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
     out = _python("import app", env)
-    assert out.returncode != 0 and "No module named 'spaces'" in out.stderr
+    assert out.returncode != 0 and "ImportError: spaces cannot start here" in out.stderr
 
 
 def test_zero_gpu_load_and_gateway_refuse_a_missing_spaces(monkeypatch, tiny_checkpoint):
