@@ -18,8 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
+from ..images import Header, ImageError, check_budget, load_images, read_header
 from ..prompting import Message
 
 LABELS = ("think", "direct")
@@ -48,12 +47,9 @@ class Example:
     line: int
 
     def messages(self) -> list[Message]:
-        """The single user turn the router sees for this query."""
-        images = []
-        for path in self.images:
-            with Image.open(path) as img:
-                images.append(img.convert("RGB"))
-        return [Message("user", self.text, images)]
+        """The single user turn the router sees for this query; its images are loaded like a chat
+        request's (same checks, same pixel budget, one at a time)."""
+        return [Message("user", self.text, load_images(self.images))]
 
 
 def _rows(path: Path) -> list[tuple[int, dict | str]]:
@@ -83,23 +79,22 @@ def _rows(path: Path) -> list[tuple[int, dict | str]]:
     return rows
 
 
-def _check_image(root: Path, name, readable: dict[Path, str | None]) -> tuple[Path | None, str | None]:
+def _check_image(root: Path, name, seen: dict[Path, Header | str]) -> Header | str:
+    """The image's header (the chat's limits; nothing decoded), or what is wrong with it."""
     if not isinstance(name, str) or not name:
-        return None, f"image entries must be non-empty path strings, got {name!r}"
+        return f"image entries must be non-empty path strings, got {name!r}"
     path = (root / name).resolve()
     if not path.is_relative_to(root):
-        return None, f"image path {name!r} is outside the dataset's folder"
-    if path not in readable:
+        return f"image path {name!r} is outside the dataset's folder"
+    if path not in seen:
         try:
-            with Image.open(path) as img:
-                img.verify()
-            readable[path] = None
-        except (OSError, SyntaxError, ValueError) as exc:
-            readable[path] = f"unreadable image {name!r} ({type(exc).__name__})"
-    return path, readable[path]
+            seen[path] = read_header(path)
+        except ImageError as exc:
+            seen[path] = f"unreadable image {name!r} ({exc})"
+    return seen[path]
 
 
-def _check_record(record: dict, number: int, root: Path, readable: dict) -> tuple[Example | None, list[str]]:
+def _check_record(record: dict, number: int, root: Path, seen: dict) -> tuple[Example | None, list[str]]:
     problems = []
     text, label, names = record.get("text"), record.get("label"), record.get("images", [])
     if not isinstance(text, str) or not text.strip():
@@ -116,15 +111,16 @@ def _check_record(record: dict, number: int, root: Path, readable: dict) -> tupl
     elif len(names) > MAX_IMAGES:
         problems.append(f"too many images ({len(names)}, at most {MAX_IMAGES})")
         names = []
-    paths = []
-    for name in names:
-        path, problem = _check_image(root, name, readable)
-        paths.append(path)
-        if problem:
-            problems.append(problem)
+    headers = [_check_image(root, name, seen) for name in names]
+    problems += [h for h in headers if isinstance(h, str)]
+    if not problems:
+        try:
+            check_budget(headers)
+        except ImageError as exc:
+            problems.append(str(exc))
     if problems:
         return None, problems
-    return Example(text, tuple(paths), label, number), []
+    return Example(text, tuple(h.path for h in headers), label, number), []
 
 
 def load_dataset(path: str | Path) -> list[Example]:
@@ -142,12 +138,12 @@ def load_dataset(path: str | Path) -> list[Example]:
         raise DatasetError([f"{path.name}: cannot be read as UTF-8 text ({exc})"]) from exc
     if len(rows) > MAX_LINES:
         raise DatasetError([f"{path.name}: too many lines ({len(rows)}, at most {MAX_LINES})"])
-    examples, problems, readable = [], [], {}
+    examples, problems, seen = [], [], {}
     for number, record in rows:
         if isinstance(record, str):
             problems.append(f"line {number}: {record}")
             continue
-        example, found = _check_record(record, number, path.parent, readable)
+        example, found = _check_record(record, number, path.parent, seen)
         problems += [f"line {number}: {p}" for p in found]
         if example:
             examples.append(example)

@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Callable
 
-from ..images import load_image
+from ..images import load_images
 from ..prompting import Message
 from ..routing import RoutingTrace
 from ..streaming import AnswerDelta, Done, Event, Failed, GenerationStats, Progress, ReasoningDelta, Routed
@@ -174,24 +174,30 @@ def to_messages(history: list[dict]) -> list[Message]:
 
     Consecutive user messages merge into one turn (Gradio shows each upload as its own bubble);
     assistant notes with a title (reasoning, routing notes, errors) are left out, as the model
-    was trained on answers without their reasoning.
+    was trained on answers without their reasoning. The images of the whole conversation are one
+    request's: all their headers are checked against its pixel budget before any is decoded.
     """
     out: list[Message] = []
+    paths: list[list[str]] = []  # per message
     for item in history:
         role = item["role"]
         if role == "assistant" and (item.get("metadata") or {}).get("title"):
             continue
         content = item["content"] if isinstance(item["content"], list) else [item["content"]]
         texts = [b if isinstance(b, str) else b.get("text", "") for b in content if _is_text(b)]
-        paths = [p for b in content if not _is_text(b) and (p := _file_path(b))]
+        files = [p for b in content if not _is_text(b) and (p := _file_path(b))] if role == "user" else []
         text = "\n".join(t for t in texts if t)
         if role == "assistant":
             text = text.replace(STOPPED_NOTE, "").strip()
         if out and out[-1].role == role:
             out[-1].text = "\n".join(t for t in (out[-1].text, text) if t)
-            out[-1].images += [load_image(p) for p in paths]
+            paths[-1] += files
         elif role in ("user", "assistant"):
-            out.append(Message(role, text, [load_image(p) for p in paths] if role == "user" else []))
+            out.append(Message(role, text))
+            paths.append(files)
+    images = iter(load_images([p for ps in paths for p in ps]))
+    for message, ps in zip(out, paths):
+        message.images = [next(images) for _ in ps]
     return out
 
 
