@@ -1,6 +1,10 @@
-"""The shipped embedded model: loads offline, routes each family to its expert, answers right.
+"""The shipped embedded model: loads offline, routes and answers held-out questions.
 
-The questions are the first twelve of the held-out split (six per family): a handful, quick.
+Small samples of each held-out set, with thresholds a few points under what `python -m metis eval`
+measures on the full sets (see the model card), so a change that breaks generalisation fails CI:
+- the template split (test images, training wordings);
+- the unseen-wording split (test images, frames and prefixes never trained on);
+- natural questions outside the world (held-out templates), text only and with an image.
 """
 
 import os
@@ -10,9 +14,15 @@ import pytest
 from metis.generation import Engine, GenerationSettings
 from metis.loading import EMBEDDED
 from metis.prompting import Message
-from metis.tiny import world
+from metis.tiny import corpus, world
 
 HELD_OUT = world.generate("test", 12)
+SAMPLE = 40
+# full-set figures (model card): template 100% routed / 93.7% right, unseen 93.3% / 81.3%,
+# natural 80.8% text only / 80.2% with an image
+TEMPLATE_ROUTED, TEMPLATE_CORRECT = 0.95, 0.85
+UNSEEN_ROUTED, UNSEEN_CORRECT = 0.85, 0.70
+NATURAL_AGREEMENT = 0.70
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +37,47 @@ def test_embedded_checkpoint_is_small_and_complete():
     assert sum(p.stat().st_size for p in EMBEDDED.iterdir()) < 40 * 2**20
 
 
-@pytest.mark.parametrize("sample", HELD_OUT, ids=[f"{s.family}-{s.qtype}-{i}" for i, s in enumerate(HELD_OUT)])
-def test_held_out_question_routed_and_answered(shipped, sample):
-    result = shipped.run([Message("user", sample.question, [sample.image])], GenerationSettings(max_new_tokens=64))
-    expected = "think" if sample.family == "reasoning" else "direct"
-    assert result.trace.decision == expected
-    assert world.answers_match(result.answer, sample.answer), (result.reasoning, result.answer, sample.answer)
-    if expected == "think":
-        assert result.reasoning.strip() and result.stats.thinking_tokens > 5
-    else:
-        assert result.reasoning == "" and result.stats.thinking_tokens <= 1
+def _shapes_scores(engine, samples):
+    routed = correct = 0
+    for sample in samples:
+        result = engine.run([Message("user", sample.question, [sample.image])], GenerationSettings(max_new_tokens=64))
+        routed += result.trace.decision == ("think" if sample.family == "reasoning" else "direct")
+        correct += world.answers_match(result.answer, sample.answer)
+    return routed / len(samples), correct / len(samples)
+
+
+def test_template_split_is_routed_and_answered(shipped):
+    routed, correct = _shapes_scores(shipped, world.generate("test", SAMPLE, wording="train"))
+    assert routed >= TEMPLATE_ROUTED and correct >= TEMPLATE_CORRECT, (routed, correct)
+
+
+def test_unseen_wordings_are_routed_and_answered(shipped):
+    """Generalisation: sentence structures and prefixes the model never read."""
+    routed, correct = _shapes_scores(shipped, world.generate("test", SAMPLE, wording="test"))
+    assert routed >= UNSEEN_ROUTED and correct >= UNSEEN_CORRECT, (routed, correct)
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_natural_questions_are_routed_by_their_label(shipped, with_image):
+    images = world.generate("test", SAMPLE)
+    agree = sum(
+        shipped.route([Message("user", q.text, [images[i].image] if with_image else [])]).decision == q.label
+        for i, q in enumerate(corpus.generate("test", SAMPLE))
+    )
+    assert agree / SAMPLE >= NATURAL_AGREEMENT, agree
+
+
+def test_a_question_outside_the_world_gets_the_honest_sentence(shipped):
+    result = shipped.run([Message("user", "A train travels 120 km in 2 hours. What is its average speed?")])
+    assert result.answer == corpus.REFUSAL
+
+
+def test_thinking_answers_show_their_chain(shipped):
+    sample = next(s for s in HELD_OUT if s.family == "reasoning")
+    result = shipped.run([Message("user", sample.question, [sample.image])], GenerationSettings(mode="think"))
+    assert result.reasoning.strip() and result.stats.thinking_tokens > 5
+    direct = shipped.run([Message("user", sample.question, [sample.image])], GenerationSettings(mode="direct"))
+    assert direct.reasoning == "" and direct.stats.thinking_tokens <= 1
 
 
 def test_forcing_direct_on_reasoning_loses_the_chain(shipped):
