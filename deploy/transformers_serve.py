@@ -13,6 +13,7 @@ processor; the server, model loading, generation and streaming are transformers'
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import socket
@@ -42,6 +43,22 @@ def main(argv: list[str]) -> None:
     transformers_cli()
 
 
+@contextlib.contextmanager
+def stock_servers(*model_dirs, threads: int = 1):
+    """Several servers started side by side (each load takes minutes on a busy CPU)."""
+    servers = [StockServer(d, threads) for d in model_dirs]
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_ready()
+        yield servers
+    finally:
+        for server in servers:
+            if hasattr(server, "process"):
+                server.__exit__()
+
+
 class StockServer:
     """`transformers serve` pinned to one exported expert, in a child process, for a `with` block.
 
@@ -56,6 +73,15 @@ class StockServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def __enter__(self) -> "StockServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def start(self) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -67,14 +93,8 @@ class StockServer:
              "--device", "cpu", "--log-level", "error"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
 
-    def _wait_ready(self) -> None:
+    def wait_ready(self) -> None:
         """The pinned model loads before the server listens, so an answer to /health means ready."""
         deadline = time.monotonic() + self.start_timeout_s
         while True:
