@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 
-from deploy.transformers_serve import StockServer
+from deploy.transformers_serve import stock_servers
 from metis.export import export_experts
 from metis.generation import Engine, GenerationSettings
 from metis.prompting import Message
@@ -37,7 +37,7 @@ def exported(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(exported):
-    with StockServer(exported / "think") as think, StockServer(exported / "direct") as direct:
+    with stock_servers(exported / "think", exported / "direct") as (think, direct):
         yield {"think": think.url, "direct": direct.url}
 
 
