@@ -232,7 +232,7 @@ def test_app_started_with_remote_flags_serves_chat_and_route(exported, servers, 
         trace = client.predict(message, api_name="/route")
         assert trace["decision"] == local.route(question(sample)).decision
         messages = client.predict(message, "auto", api_name="/chat")
-        assert local.run(question(sample), GenerationSettings(max_new_tokens=1024)).answer in messages[-1]["content"]
+        assert local.run(question(sample), GenerationSettings(max_new_tokens=1024)).answer in str(messages[-1]["content"])
         client.close()
     finally:
         app.terminate()
