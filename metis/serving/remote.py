@@ -26,7 +26,6 @@ from ..generation import Engine, GenerationSettings
 from ..prompting import Message, strip_reasoning
 from ..routing import RoutingTrace
 from ..streaming import (
-    AnswerDelta,
     Done,
     Event,
     Failed,
