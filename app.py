@@ -1,5 +1,8 @@
 """Metis-HOME demo: `python app.py [--model PATH_OR_HUB_ID] [--host HOST] [--port PORT]`.
 
+Remote backend (deploy/README.md): `python app.py --router DIR --think-url URL --direct-url URL`
+routes here with the exported router and streams answers from two OpenAI-compatible servers.
+
 Wiring only: the tabs live in `metis/ui/`. The model loads once, at import, as ZeroGPU expects;
 if it cannot load, the app starts anyway and shows the reason instead of crash-looping.
 """
@@ -21,6 +24,7 @@ from metis.ui import CSS, THEME, build_demo
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
 log = logging.getLogger("metis.app")
+REMOTE_CONCURRENCY = 32  # answers streamed at once from the remote pools (each waits on HTTP only)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,24 +33,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="checkpoint folder or Hub id (env METIS_MODEL; default: the embedded tiny model)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    remote = parser.add_argument_group("remote backend", "route here, answer from two OpenAI-compatible servers")
+    remote.add_argument("--router", default=os.environ.get("METIS_ROUTER"),
+                        help="router folder written by `python -m metis export-experts` (env METIS_ROUTER)")
+    remote.add_argument("--think-url", default=os.environ.get("METIS_THINK_URL"),
+                        help="thinking expert's server, e.g. http://127.0.0.1:8001/v1 (env METIS_THINK_URL)")
+    remote.add_argument("--direct-url", default=os.environ.get("METIS_DIRECT_URL"),
+                        help="direct expert's server (env METIS_DIRECT_URL)")
     # known args only: Spaces and `gradio app.py` reload mode may pass their own
     return parser.parse_known_args(argv)[0]
 
 
-def load_engine(spec: str | None) -> Engine | Exception:
-    """The engine, or the exception that stopped it (logged once here, shown in the UI)."""
+def uses_remote(args: argparse.Namespace) -> bool:
+    return bool(args.router or args.think_url or args.direct_url)
+
+
+def load_engine(args: argparse.Namespace):
+    """The engine (local, or remote with --router/--think-url/--direct-url), or the exception that
+    stopped it (logged once here, shown in the UI)."""
     try:
-        return Engine.load(spec)
+        if uses_remote(args):
+            from metis.serving.remote import RemoteEngine
+
+            return RemoteEngine.load(args.router, args.think_url, args.direct_url)
+        return Engine.load(args.model)
     except Exception as exc:
-        log.error("could not load the model %r: %s: %s", spec or "embedded", type(exc).__name__, exc)
+        log.error("could not load %r: %s: %s", args.router or args.model or "embedded", type(exc).__name__, exc)
         return exc
 
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 args = parse_args()
-engine = load_engine(args.model)
+engine = load_engine(args)
 demo = build_demo(engine)
-demo.queue(default_concurrency_limit=1)  # one model: answers take turns, queued users see their place
+# one in-process model: answers take turns, queued users see their place; remote pools batch their own
+demo.queue(default_concurrency_limit=REMOTE_CONCURRENCY if uses_remote(args) else 1)
 
 if __name__ == "__main__":
     demo.launch(server_name=args.host, server_port=args.port, max_file_size="10mb",

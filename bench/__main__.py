@@ -18,7 +18,7 @@ import transformers
 
 from metis.generation import Engine
 
-from . import gpu, hybrid, memory, routing, scaling, server, streaming
+from . import gpu, hybrid, memory, remote, routing, scaling, server, streaming
 from .common import checkpoint, cpu_only_children
 
 
@@ -59,7 +59,8 @@ def measure(spec: str | None, quick: bool, save=lambda results: None) -> dict:
     save(results)
     for name, section in (("auto_vs_think", lambda: hybrid.run(engine, quick, trained)),
                           ("scaling", lambda: scaling.run(engine, quick)),
-                          ("memory", lambda: memory.run(engine, app_rss))):
+                          ("memory", lambda: memory.run(engine, app_rss)),
+                          ("remote", lambda: remote.run(quick))):
         results[name] = section()
         save(results)
     del engine
@@ -133,6 +134,12 @@ def table(r: dict) -> str:
          f"{mem['dense']['params_total'] / 1e6:.2f}M; active {mem['active_over_dense_params']:.4f})", "", ""),
         ("Memory: peak RSS of the app process", f"{mem['app_peak_rss_mib']:.0f} MiB", "", ""),
         ("GPU: full-size Metis-HOME, bf16, batch 1", _gpu_summary(r["gpu"]), "", ""),
+        ("Remote backend (transformers serve) / local engine decode tokens/s",
+         f"{r['remote']['ratio']:.3f} ({r['remote']['tokens_per_s']['remote']:.0f} vs "
+         f"{r['remote']['tokens_per_s']['local']:.0f} tok/s, {r['remote']['overhead_us_per_token']:.0f} µs/token; "
+         f"TTFT {r['remote']['ttft_ms']['remote']:.0f} vs {r['remote']['ttft_ms']['local']:.0f} ms; "
+         f"pool with {remote.CONCURRENT} concurrent requests {r['remote']['concurrency_gain']:.2f}× sequential)",
+         "≥ 0.80", _check(r["remote"]["ratio"], remote.TARGET, True)),
     ]
     lines = ["| measurement | result | target | |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {e} |" for a, b, c, e in rows]

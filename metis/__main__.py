@@ -1,4 +1,4 @@
-"""Command line: `python -m metis {chat,route,eval,finetune,upcycle,size}`.
+"""Command line: `python -m metis {chat,route,eval,finetune,upcycle,size,export-experts}`.
 
 The CLI consumes the same events as the web app; `route` prints the routing trace as JSON.
 """
@@ -81,6 +81,13 @@ def size(args) -> int:
     return 0
 
 
+def export_experts(args) -> int:
+    from .export import export_experts as export
+
+    print("\n".join(export(args.checkpoint, args.out).lines()))
+    return 0
+
+
 def evaluate(args) -> int:
     from .tiny.evaluate import main
 
@@ -122,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--thinking-expert", type=int, default=0)
     p.set_defaults(func=upcycle)
+
+    p = sub.add_parser("export-experts", help="Metis-HOME -> two stock Qwen2.5-VL experts + a router (for vLLM)")
+    p.add_argument("checkpoint", help="checkpoint folder, Hub id, or 'tiny' for the embedded model")
+    p.add_argument("out", help="folder to write think/, direct/ and router/ into")
+    p.set_defaults(func=export_experts)
 
     p = sub.add_parser("size", help="parameters, bf16 weight and KV-cache memory, Spaces GPU tiers")
     p.add_argument("checkpoint", nargs="?", default=str(PUBLISHED_CONFIG),

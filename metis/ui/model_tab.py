@@ -1,10 +1,17 @@
-"""What is loaded: checkpoint, device, sizes and how it routes (engine.info)."""
+"""What is loaded: which backend serves, checkpoint, device, sizes and how it routes (engine.info)."""
 
 from __future__ import annotations
 
 import gradio as gr
 
+LOCAL_BACKEND = "local: the whole MoE in this process"
 LABELS = {
+    "backend": "Backend",
+    "router": "Router checkpoint",
+    "think_endpoint": "Thinking expert's server",
+    "direct_endpoint": "Direct expert's server",
+    "params_router": "Parameters (router)",
+    "timeouts": "Client timeouts and retries",
     "checkpoint": "Checkpoint",
     "device": "Device",
     "dtype": "Weights dtype",
@@ -25,12 +32,13 @@ def _format(key: str, value) -> str:
         return f"{value / 2**20:,.1f} MiB"
     if key.startswith("params"):
         return f"{value:,}"
-    return f"`{value}`" if key == "checkpoint" else str(value)
+    return f"`{value}`" if key in ("checkpoint", "router", "think_endpoint", "direct_endpoint") else str(value)
 
 
 def info_markdown(info: dict | None, error: str | None = None) -> str:
     if info is None:
         return f"### ⚠️ No model loaded\n\n{error or 'unknown reason'}"
+    info = {"backend": LOCAL_BACKEND, **info}  # a remote engine's info names its own backend
     rows = [f"| {LABELS.get(k, k)} | {_format(k, v)} |" for k, v in info.items()]
     return "\n".join(["| Loaded model | |", "|---|---|", *rows])
 

@@ -1,0 +1,243 @@
+"""Split a Metis-HOME checkpoint into parts that stock servers run: two dense experts and a router.
+
+The experts differ only in their decoder MLPs, and a query is routed once, before its first token,
+by the first MoE layer's gate. So the model is exactly:
+- `think/` and `direct/`: stock `Qwen2_5_VLForConditionalGeneration` checkpoints, each holding the
+  shared weights and one expert's MLPs (vLLM, SGLang or `transformers serve` load them as they are);
+- `router/`: a Metis-HOME checkpoint with only what the decision reads (vision tower, embeddings,
+  the decoder layers up to the first MoE layer and its gate), loaded as `MetisHomeRouter`.
+
+A model that mixes experts inside a token (top-k > 1, a shared expert) has no such split: refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
+
+from .configuration import MetisHomeConfig, MetisHomeTextConfig
+from .loading import (
+    CheckpointMismatch,
+    checkpoint_shapes,
+    copy_preprocessing_files,
+    load,
+    pick_cpu_threads,
+    reconcile_config,
+    resolve_checkpoint,
+)
+from .modeling import LEGACY_RENAMES, MetisHomeForConditionalGeneration, MetisHomeModel, MetisHomePreTrainedModel
+
+EXPERT_NAMES = ("think", "direct")
+ROUTER = "router"
+MOE_TEXT_FIELDS = frozenset(
+    {f.name for f in dataclasses.fields(MetisHomeTextConfig)} - {f.name for f in dataclasses.fields(Qwen2_5_VLTextConfig)}
+)
+_EXPERT_KEY = re.compile(r"^(.*\.mlp\.)experts\.(\d+)\.(.*)$")
+
+
+class NotSplittable(ValueError):
+    """The checkpoint's experts cannot be served as two independent dense models."""
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    think: Path
+    direct: Path
+    router: Path
+    params_moe: int  # the in-process model
+    params_expert: int  # each dense export
+    params_router: int
+
+    def lines(self) -> list[str]:
+        return [
+            f"think:  {self.think} ({self.params_expert:,} parameters)",
+            f"direct: {self.direct} ({self.params_expert:,} parameters)",
+            f"router: {self.router} ({self.params_router:,} parameters)",
+            f"(the in-process MoE has {self.params_moe:,})",
+        ]
+
+
+def split_problems(config: MetisHomeConfig) -> list[str]:
+    """Why this model is not two dense experts behind a query router; empty when it is."""
+    text = config.text_config
+    problems = []
+    if text.num_experts != 2:
+        problems.append(f"it has {text.num_experts} experts; the split needs exactly two (thinking and direct)")
+    if text.num_experts_per_tok != 1:
+        problems.append(
+            f"it routes per token: num_experts_per_tok={text.num_experts_per_tok} mixes several experts inside "
+            "every token, which no single dense model reproduces; the split needs one expert per query (top-1)"
+        )
+    if text.shared_expert_intermediate_size > 0:
+        problems.append(
+            f"it has a shared expert (width {text.shared_expert_intermediate_size}) added to every token through "
+            "its own sigmoid gate; a stock Qwen2.5-VL MLP has no place for it"
+        )
+    dense_layers = [i for i in range(text.num_hidden_layers) if not text.is_moe_layer(i)]
+    if dense_layers and text.intermediate_size != text.moe_intermediate_size:
+        problems.append(
+            f"its dense layers {dense_layers} are {text.intermediate_size} wide and its experts "
+            f"{text.moe_intermediate_size}; a stock Qwen2.5-VL has one MLP width"
+        )
+    if not any(text.is_moe_layer(i) for i in range(text.num_hidden_layers)):
+        problems.append("it has no MoE layer, so there is nothing to route")
+    return problems
+
+
+def check_splittable(config: MetisHomeConfig) -> None:
+    if problems := split_problems(config):
+        raise NotSplittable("cannot export this checkpoint as two dense experts: " + "; ".join(problems))
+
+
+def dense_config(config: MetisHomeConfig) -> Qwen2_5_VLConfig:
+    """The stock Qwen2.5-VL config of one expert: the MoE fields go, the MLP width is the expert's."""
+    text = {k: v for k, v in config.text_config.to_dict().items() if k not in MOE_TEXT_FIELDS | {"model_type"}}
+    text["intermediate_size"] = config.text_config.moe_intermediate_size
+    tokens = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    dense = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=config.vision_config.to_dict(),
+        tie_word_embeddings=config.tie_word_embeddings,
+        **{name: getattr(config, name) for name in tokens},
+    )
+    dense.architectures = [Qwen2_5_VLForConditionalGeneration.__name__]
+    dense.dtype = config.dtype
+    return dense
+
+
+def expert_state_dict(state_dict: dict[str, torch.Tensor], expert: int) -> dict[str, torch.Tensor]:
+    """Shared weights + `experts.{expert}` renamed to the dense MLP; gates and other experts dropped.
+    The tensors are the model's own (no copy)."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith(".mlp.gate.weight"):
+            continue
+        if m := _EXPERT_KEY.match(key):
+            if int(m.group(2)) != expert:
+                continue
+            key = m.group(1) + m.group(3)
+        out[key] = value
+    return out
+
+
+class MetisHomeRouter(MetisHomeForConditionalGeneration):
+    """Metis-HOME up to its routing decision: vision tower, embeddings and the decoder layers through
+    the first MoE layer, whose gate decides. Its experts are zero-width (`moe_intermediate_size=0`:
+    no weights, no compute) and there is no LM head. Calling it fills the `Routing` it is given,
+    with the same code path and numbers as the full model's prefill."""
+
+    def __init__(self, config: MetisHomeConfig):
+        MetisHomePreTrainedModel.__init__(self, config)
+        with warnings.catch_warnings():  # torch warns that initialising the empty experts does nothing
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            self.model = MetisHomeModel(config)
+            self.post_init()
+
+    def get_output_embeddings(self):
+        return None
+
+    def forward(self, routing=None, use_cache=None, logits_to_keep=None, **inputs):
+        """Runs the layers for their routing side effect; the hidden states are returned unused."""
+        return self.model(**inputs, routing=routing, use_cache=False).last_hidden_state
+
+
+register_checkpoint_conversion_mapping(
+    MetisHomeRouter.__name__,
+    [WeightRenaming(source_patterns=src, target_patterns=dst) for src, dst in LEGACY_RENAMES],
+)
+
+
+def router_config(config: MetisHomeConfig) -> MetisHomeConfig:
+    text = config.text_config
+    first_moe = next(i for i in range(text.num_hidden_layers) if text.is_moe_layer(i))
+    router = MetisHomeConfig.from_dict(config.to_dict())
+    router.text_config.num_hidden_layers = first_moe + 1
+    router.text_config.layer_types = text.layer_types[: first_moe + 1]
+    router.text_config.moe_intermediate_size = 0
+    router.architectures = [MetisHomeRouter.__name__]
+    return router
+
+
+def router_state_dict(state_dict: dict[str, torch.Tensor], config: MetisHomeConfig) -> dict[str, torch.Tensor]:
+    layers = config.text_config.num_hidden_layers
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("lm_head.") or (_EXPERT_KEY.match(key) is not None):
+            continue
+        if (m := re.search(r"\.layers\.(\d+)\.", key)) and int(m.group(1)) >= layers:
+            continue
+        out[key] = value
+    return out
+
+
+def _build(cls, config, state_dict):
+    """A model of `cls` holding exactly `state_dict` (strict: a missing or extra tensor fails)."""
+    with init_empty_weights():
+        model = cls(config)
+    empty = {k: v for k, v in model.state_dict().items() if v.numel() == 0}  # zero-width router experts
+    model.load_state_dict({**state_dict, **{k: torch.empty(v.shape, dtype=config.dtype) for k, v in empty.items()}},
+                          strict=True, assign=True)
+    return model
+
+
+def export_experts(checkpoint: str | None, out: str | Path) -> ExportSummary:
+    """Write `out/think`, `out/direct` and `out/router` from a Metis-HOME checkpoint."""
+    source = resolve_checkpoint(checkpoint)
+    config = MetisHomeConfig.from_pretrained(source)
+    dtype = str(config.dtype or "float32").removeprefix("torch.")  # exported in the checkpoint's own dtype
+    # refused before any weight is read, with the widths the checkpoint's tensors have
+    check_splittable(reconcile_config(config, checkpoint_shapes(source)))
+    model, _, _, _, _ = load(str(source), device="cpu", dtype=dtype)
+    config = model.config
+    out = Path(out)
+    state = model.state_dict()
+    experts = {"think": config.thinking_expert, "direct": config.direct_expert}
+    params_expert = 0
+    for name in EXPERT_NAMES:
+        dense = _build(Qwen2_5_VLForConditionalGeneration, dense_config(config), expert_state_dict(state, experts[name]))
+        dense.generation_config = model.generation_config
+        _save(dense, source, out / name)
+        params_expert = dense.num_parameters()
+    rconfig = router_config(config)
+    router = _build(MetisHomeRouter, rconfig, router_state_dict(state, rconfig))
+    router.generation_config = model.generation_config
+    _save(router, source, out / ROUTER)
+    return ExportSummary(out / "think", out / "direct", out / ROUTER, model.num_parameters(), params_expert,
+                         router.num_parameters())
+
+
+def _save(model, source: Path, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    copy_preprocessing_files(source, folder)
+
+
+def load_router(path: str | Path, cpu_threads: int | None = None):
+    """-> (router model, tokenizer, image processor) from an exported `router/` folder. Every tensor
+    must be there with its shape: nothing is initialised at random."""
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no router checkpoint in {path} (make one: python -m metis export-experts)")
+    config = MetisHomeConfig.from_pretrained(path)
+    if config.architectures != [MetisHomeRouter.__name__]:
+        raise CheckpointMismatch(f"{path} is not a router export (architectures {config.architectures})")
+    model, info = MetisHomeRouter.from_pretrained(path, config=config, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise CheckpointMismatch(f"router checkpoint {path} does not match its config: {problems}")
+    torch.set_num_threads(pick_cpu_threads(model, cpu_threads))
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path)

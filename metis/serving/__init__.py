@@ -1,0 +1,1 @@
+"""Serving backends behind the engine interface (route, stream, run, info)."""
