@@ -87,7 +87,7 @@ def run(quick: bool, new_tokens: int | None = None) -> dict:
         export_experts("tiny", out)
         for expert in ("think", "direct"):
             _fix_length(out / expert, new_tokens)
-        local = Engine.load("tiny")
+        local = Engine.load("tiny", device="cpu")  # the CPU figure, on a GPU host too
         with stock_servers(out / "think", out / "direct") as (think, direct), fixed_length(local.model, new_tokens):
             remote = RemoteEngine.load(str(out / "router"), think.url, direct.url)
             medians = interleave({"remote": lambda: _timed_stream(remote, messages, settings),

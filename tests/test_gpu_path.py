@@ -275,6 +275,7 @@ def test_bench_pins_cpu_sections_guards_the_gpu_and_keeps_partial_results(tiny_c
 
         monkeypatch.setattr(section, "run", record)
     monkeypatch.setattr(bench.gpu, "run", out_of_memory)
+    monkeypatch.setattr(bench.remote, "run", lambda quick: {"section": "remote"})  # its own CPU engine and servers
     saved = []
     results = bench.measure(str(tiny_checkpoint), True, save=lambda r: saved.append(json.loads(json.dumps(r))))
     assert loaded == ["cpu"] and set(devices) == {"cpu"} and len(devices) == 6

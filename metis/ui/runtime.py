@@ -82,9 +82,9 @@ class Runner:
         self.engine = engine
         self.available = not isinstance(engine, UnavailableEngine)
 
-        rate = decode_tokens_per_s(engine.info) if self.available else 1.0
-
-        @gpu(duration=lambda messages, settings, router=None: gpu_seconds(settings.max_new_tokens, rate))
+        # asked only on ZeroGPU, where a local engine runs (a remote one never reaches `spaces.GPU`)
+        @gpu(duration=lambda messages, settings, router=None: gpu_seconds(settings.max_new_tokens,
+                                                                           decode_tokens_per_s(engine.info)))
         def events(messages: list[Message], settings: GenerationSettings, router=None):
             yield from engine.stream(messages, settings, router=router)
 
