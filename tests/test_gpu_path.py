@@ -25,11 +25,16 @@ ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
 FAKE_SPACES = '''
 """Stand-in for Hugging Face's `spaces`: records what it wraps and each call's duration. Like
-ZeroGPU, the wrapped function's arguments and results cross a pickle boundary."""
+ZeroGPU, which runs the function in another process, it requires arguments and results to pickle."""
 import pickle
 
 WRAPPED = []
 CALLS = []
+
+
+def _crosses(value):
+    pickle.dumps(value)  # raises if it could not reach the GPU process or come back
+    return value
 
 
 def GPU(duration=None):
@@ -38,11 +43,10 @@ def GPU(duration=None):
 
         def call(*args, **kwargs):
             CALLS.append((fn.__name__, duration(*args, **kwargs)))
-            args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))
-            result = fn(*args, **kwargs)
+            result = fn(*_crosses(args), **_crosses(kwargs))
             if hasattr(result, "__next__"):
-                return (pickle.loads(pickle.dumps(item)) for item in result)
-            return pickle.loads(pickle.dumps(result))
+                return (_crosses(item) for item in result)
+            return _crosses(result)
 
         return call
 
