@@ -159,3 +159,33 @@ def test_no_tag_survives_random_mixtures(seed):
     reasoning, answer = parse(pieces)
     for tag in TAGS:
         assert tag not in reasoning and tag not in answer
+
+
+# -- fine-tuning uploads: one budget per run ---------------------------------------------------------
+
+import zipfile  # noqa: E402
+
+from metis.finetune.data import DatasetError, UploadBudget, unpack_upload  # noqa: E402
+
+
+def small_zip(path, members: dict[str, bytes]):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return str(path)
+
+
+def test_many_zips_of_one_run_never_unpack_more_than_its_budget(tmp_path):
+    zips = [small_zip(tmp_path / f"part{i}.zip", {f"p{i}/blob.bin": b"\0" * 400_000}) for i in range(6)]
+    budget = UploadBudget(max_bytes=1_000_000)
+    with pytest.raises(DatasetError, match=r"part2.zip: the uploads of this run would unpack to 1 MiB, at most 0 MiB"):
+        unpack_upload(zips, tmp_path / "run", budget)
+    unpacked = sum(p.stat().st_size for p in (tmp_path / "run").rglob("*") if p.is_file())
+    assert unpacked == 800_000 <= budget.max_bytes
+
+
+def test_files_are_counted_across_zips_and_loose_uploads(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "q", "label": "think"}\n')
+    archive = small_zip(tmp_path / "many.zip", {f"{i}.txt": b"x" for i in range(5)})
+    with pytest.raises(DatasetError, match="would hold 7 files, at most 6"):
+        unpack_upload([str(tmp_path / "d.jsonl"), archive, archive], tmp_path / "run", UploadBudget(max_files=6))
