@@ -30,6 +30,13 @@ class AnswerDelta:
 
 
 @dataclass(frozen=True)
+class Notice:
+    """Something the person should know about this answer, e.g. that old turns were left out."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class Progress:
     """Tokens were generated but none shows as text (control tokens, text after `</answer>`).
     Sent so a consumer still gets control while a model writes nothing visible, e.g. to Stop."""
@@ -43,7 +50,7 @@ class GenerationStats:
     total_s: float
     tokens: int
     thinking_tokens: int
-    stop_reason: str  # "eos", "end_of_answer" (</answer>), "max_new_tokens", "cancelled" or "error"
+    stop_reason: str  # "eos", "end_of_answer" (</answer>), "max_new_tokens", "deadline", "cancelled" or "error"
 
     @property
     def tokens_per_s(self) -> float:
@@ -62,7 +69,7 @@ class Failed:
     stats: GenerationStats
 
 
-Event = Routed | ReasoningDelta | AnswerDelta | Progress | Done | Failed
+Event = Notice | Routed | ReasoningDelta | AnswerDelta | Progress | Done | Failed
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"

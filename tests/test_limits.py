@@ -189,3 +189,69 @@ def test_files_are_counted_across_zips_and_loose_uploads(tmp_path):
     archive = small_zip(tmp_path / "many.zip", {f"{i}.txt": b"x" for i in range(5)})
     with pytest.raises(DatasetError, match="would hold 7 files, at most 6"):
         unpack_upload([str(tmp_path / "d.jsonl"), archive, archive], tmp_path / "run", UploadBudget(max_files=6))
+
+
+# -- prompt tokens and time per request -------------------------------------------------------------
+
+import time  # noqa: E402
+
+from metis.budget import RequestLimits, count_tokens  # noqa: E402
+from metis.generation import GenerationSettings  # noqa: E402
+from metis.prompting import Message, PromptError  # noqa: E402
+from metis.streaming import Done, Notice  # noqa: E402
+from metis.ui.events import ChatTurn  # noqa: E402
+
+
+def long_conversation(turns=16, chars=8000):
+    """16 turns of 8,000 characters: the 256 KB request that held the model for 78 s."""
+    out = []
+    for i in range(turns):
+        out += [Message("user", (f"question {i} " + "words " * (chars // 6))[:chars]), Message("assistant", "ok " * 400)]
+    return out + [Message("user", "and now?")]
+
+
+@pytest.fixture
+def limits(engine):
+    saved = engine.limits
+    yield lambda **kw: setattr(engine, "limits", RequestLimits(**kw))
+    engine.limits = saved
+
+
+def test_an_over_long_conversation_is_refused_at_once(engine, limits):
+    limits(max_prompt_tokens=4096, overflow="refuse")
+    start = time.perf_counter()
+    with pytest.raises(PromptError, match=r"tokens long \(images included\), over this server's limit of 512"):
+        list(engine.stream(long_conversation(), GenerationSettings(max_new_tokens=4)))
+    assert time.perf_counter() - start < 1.0  # limit: min(4096, the fixture model's 512-position context)
+
+
+def test_an_over_long_conversation_is_trimmed_with_a_note(engine, limits):
+    limits(max_prompt_tokens=4096, overflow="trim")
+    events = list(engine.stream(long_conversation(), GenerationSettings(mode="direct", max_new_tokens=4)))
+    assert isinstance(events[0], Notice) and "oldest 32 message(s) were left out" in events[0].text
+    assert isinstance(events[-1], Done)
+    turn = ChatTurn()
+    for event in events:
+        turn.feed(event)
+    assert turn.messages()[0]["metadata"]["title"] == "ℹ️ Note"
+
+
+def test_image_tokens_are_counted_without_processing_pixels(engine):
+    from PIL import Image
+
+    messages = [Message("user", "what?", [Image.new("RGB", (300, 200)), Image.new("RGB", (56, 56))])]
+    assert count_tokens(engine.prompts, messages) == engine.prompts.build(messages)["input_ids"].shape[1]
+
+
+def test_no_answer_holds_the_model_past_its_deadline(engine, limits, long_question_messages):
+    limits(max_seconds=0.5)
+    start = time.perf_counter()
+    events = list(engine.stream(long_question_messages, GenerationSettings(mode="think", max_new_tokens=16384)))
+    assert events[-1].stats.stop_reason == "deadline" and time.perf_counter() - start < 5
+
+
+@pytest.fixture
+def long_question_messages():
+    from PIL import Image
+
+    return [Message("user", "How many squares are there?", [Image.new("RGB", (112, 112), "white")])]
