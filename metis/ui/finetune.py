@@ -37,7 +37,7 @@ SLIDERS = {
 
 def curves_figure(history) -> go.Figure:
     epochs = [m.epoch for m in history]
-    fig = go.Figure()
+    fig = go.Figure(layout={"template": None})  # see plots._layout: no template in the page's state
     fig.add_scatter(x=epochs, y=[m.train_loss for m in history], name="train loss")
     fig.add_scatter(x=epochs, y=[m.val_loss for m in history], name="validation loss")
     fig.add_scatter(x=epochs, y=[m.val_accuracy for m in history], name="validation accuracy", yaxis="y2")
@@ -48,7 +48,7 @@ def curves_figure(history) -> go.Figure:
 
 
 def sweep_figure(sweep: list[dict]) -> go.Figure:
-    fig = go.Figure()
+    fig = go.Figure(layout={"template": None})
     x = [row["threshold"] for row in sweep]
     fig.add_scatter(x=x, y=[row["accuracy"] for row in sweep], name="accuracy")
     fig.add_scatter(x=x, y=[row["think_ratio"] for row in sweep], name="share sent to thinking")
