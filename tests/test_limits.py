@@ -187,7 +187,7 @@ def test_many_zips_of_one_run_never_unpack_more_than_its_budget(tmp_path):
 def test_files_are_counted_across_zips_and_loose_uploads(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"text": "q", "label": "think"}\n')
     archive = small_zip(tmp_path / "many.zip", {f"{i}.txt": b"x" for i in range(5)})
-    with pytest.raises(DatasetError, match="would hold 7 files, at most 6"):
+    with pytest.raises(DatasetError, match="many.zip: the uploads of this run would hold 11 files, at most 6"):
         unpack_upload([str(tmp_path / "d.jsonl"), archive, archive], tmp_path / "run", UploadBudget(max_files=6))
 
 
@@ -255,3 +255,50 @@ def long_question_messages():
     from PIL import Image
 
     return [Message("user", "How many squares are there?", [Image.new("RGB", (112, 112), "white")])]
+
+
+# -- memory of one request's images, measured in a fresh process (tests/rss_probe.py) ---------------
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def probe(kind: str, target) -> dict:
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "rss_probe.py"), kind, str(target)], cwd=ROOT,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_images_at_the_pixel_cap_stay_under_a_gigabyte(tmp_path):
+    from PIL import Image
+
+    image = Image.new("RGB", (7300, 5479), (200, 30, 30))  # 40.0 Mpixel, the per-image cap
+    image.save(tmp_path / "a.jpg")
+    image.save(tmp_path / "b.png")
+    del image
+    measured = probe("chat", tmp_path)
+    assert measured["outcome"] == "ok"
+    assert measured["peak_above_mib"] < 1024 and measured["after_above_mib"] < 100, measured
+
+
+def test_a_zip_of_huge_images_is_refused_from_its_headers(tmp_path):
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.new("L", (13000, 13000)).save(buf, "PNG")
+    rows = []
+    with zipfile.ZipFile(tmp_path / "big.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        for r in range(4):
+            names = [f"img/{r}_{i}.png" for i in range(8)]
+            for name in names:
+                zf.writestr(name, buf.getvalue())
+            rows.append(json.dumps({"text": f"q{r}", "images": names, "label": "think"}))
+        zf.writestr("d.jsonl", "\n".join(rows) + "\n")
+    measured = probe("finetune", tmp_path / "big.zip")
+    assert "32 problem(s)" in measured["outcome"] and "too large to decode" in measured["outcome"]
+    assert measured["peak_above_mib"] < 1024 and measured["after_above_mib"] < 100, measured
