@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, MaxTimeCriteria, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .budget import RequestLimits, fit, prompt_limit
 from .explain import explain
 from .prompting import Message, PromptBuilder
 from .routing import MODES, RoutingTrace
@@ -31,6 +32,7 @@ from .streaming import (
     Failed,
     GenerationStats,
     IncrementalDecoder,
+    Notice,
     OutputParser,
     Progress,
     ReasoningDelta,
@@ -170,6 +172,7 @@ class Engine:
             model.generation_config.stop_strings = [ANSWER_CLOSE]
         self.close_ids = tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]
         self._lock = threading.Lock()
+        self.limits = RequestLimits.from_env()  # prompt tokens and seconds per request (metis/budget.py)
 
     @classmethod
     def load(cls, spec: str | None = None, **kwargs) -> "Engine":
@@ -182,6 +185,7 @@ class Engine:
               router: dict | None = None) -> RoutingTrace:
         """The routing decision of a query: one prefill pass, no token generated."""
         settings = GenerationSettings(mode=mode, threshold=threshold)
+        messages, _ = self._within_limits(messages)
         inputs = self._inputs(messages)
         routing = self.model.new_routing(settings.mode, settings.threshold)
         with self._lock, self._router(router), torch.inference_mode():
@@ -199,6 +203,9 @@ class Engine:
         settings = settings or GenerationSettings()
         cancel = cancel or threading.Event()
         start = time.perf_counter()
+        messages, note = self._within_limits(messages)
+        if note:
+            yield Notice(note)
         inputs = self._inputs(messages)
         routing = self.model.new_routing(settings.mode, settings.threshold)
         streamer = _TokenQueue()
@@ -224,7 +231,7 @@ class Engine:
                         streamer=streamer,
                         max_new_tokens=settings.max_new_tokens,
                         logits_processor=processors,
-                        stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
+                        stopping_criteria=StoppingCriteriaList([_Cancelled(cancel), MaxTimeCriteria(self.limits.max_seconds)]),
                         eos_token_id=self.eos_ids,
                         pad_token_id=self.tokenizer.pad_token_id,
                         tokenizer=self.tokenizer,  # for the generation config's stop strings
@@ -271,6 +278,8 @@ class Engine:
             reason = "end_of_answer"
         elif tokens >= settings.max_new_tokens:
             reason = "max_new_tokens"
+        elif total >= self.limits.max_seconds:
+            reason = "deadline"
         else:
             reason = "cancelled"
         stats = GenerationStats(ttft or total, total, tokens, thinking, reason)
@@ -301,6 +310,12 @@ class Engine:
         return explain(routing.trace(), routing, inputs["input_ids"], self.tokenizer,
                        image_token_id=self.model.config.image_token_id,
                        image_grid_thw=inputs.get("image_grid_thw"), merge=self.prompts.merge)
+
+    def _within_limits(self, messages: list[Message]):
+        """The messages within this server's prompt budget (metis/budget.py), and a note if trimmed."""
+        context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        limit = prompt_limit(self.limits, context)
+        return fit(self.prompts, messages, limit, self.limits.overflow)
 
     def _inputs(self, messages: list[Message]) -> dict:
         device = self.model.device

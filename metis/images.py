@@ -94,8 +94,10 @@ def _opened(path: Path):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return Image.open(path)
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{path.name}: not a supported image (PNG, JPEG, GIF, WebP, BMP) or too large to decode") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{path.name}: too large to decode (at most {MAX_PIXELS:,} pixels per image)") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path.name}: not a supported image (PNG, JPEG, GIF, WebP, BMP)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path.name}: the image is damaged or truncated ({exc})") from None
 

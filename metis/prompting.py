@@ -101,10 +101,21 @@ class PromptBuilder:
                                   "longest_edge": self.config.max_pixels or own["longest_edge"]}
             vision = dict(self.image_processor(images=images, return_tensors="pt", **bounds))
             counts = (vision["image_grid_thw"].prod(-1) // self.merge**2).tolist()
+        input_ids = torch.tensor([self.token_ids(messages, counts)])
+        return dict(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            mm_token_type_ids=(input_ids == self.image_pad).int(),
+            **vision,
+        )
+
+    def token_ids(self, messages: list[Message], image_tokens: list[int]) -> list[int]:
+        """The prompt's ids, given each image's token count (from the processor, or `budget`'s
+        count from the image's size alone)."""
         ids: list[int] = []
         if self.system_prompt:
             ids += self._turn("system", self.system_prompt)
-        slot = iter(counts)
+        slot = iter(image_tokens)
         for m in messages:
             if m.role == "user":
                 images = []
@@ -113,11 +124,4 @@ class PromptBuilder:
                 ids += self._turn("user", m.text, images)
             else:
                 ids += self._turn("assistant", strip_reasoning(m.text))
-        ids += [self.im_start, *self._text("assistant\n")]
-        input_ids = torch.tensor([ids])
-        return dict(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            mm_token_type_ids=(input_ids == self.image_pad).int(),
-            **vision,
-        )
+        return ids + [self.im_start, *self._text("assistant\n")]

@@ -30,6 +30,13 @@ class AnswerDelta:
 
 
 @dataclass(frozen=True)
+class Notice:
+    """Something the person should know about this answer, e.g. that old turns were left out."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class Progress:
     """Token number `tokens` shows no text (a control token, a tag or half a character held
     back, text after `</answer>`). Sent so a consumer still gets control while a model writes
@@ -44,7 +51,7 @@ class GenerationStats:
     total_s: float
     tokens: int
     thinking_tokens: int
-    stop_reason: str  # "eos", "end_of_answer" (</answer>), "max_new_tokens", "cancelled" or "error"
+    stop_reason: str  # "eos", "end_of_answer" (</answer>), "max_new_tokens", "deadline", "cancelled" or "error"
 
     @property
     def tokens_per_s(self) -> float:
@@ -63,7 +70,7 @@ class Failed:
     stats: GenerationStats
 
 
-Event = Routed | ReasoningDelta | AnswerDelta | Progress | Done | Failed
+Event = Notice | Routed | ReasoningDelta | AnswerDelta | Progress | Done | Failed
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"

@@ -5,6 +5,7 @@ import json
 import tempfile
 import threading
 import zipfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -197,10 +198,12 @@ def test_tab_handlers(engine, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "q", "label": "perhaps"}])
     (status, *_), = run_tab(tab, [str(bad)])
     assert "cannot be used" in status and "line 1: unknown label" in status and "Traceback" not in status
-    updates = run_tab(tab, [], use_sample=True)
-    status, curves, summary, sweep, confusion, result, download = updates[-1]
+    for update in tab.start([], True, 3, 0.05, 16, 0.2, 0, 0, 0.5, request=SimpleNamespace(session_hash="test")):
+        if isinstance(update[-1], dict) and update[-1].get("value"):  # read it while the run's folder exists
+            saved = load_router(update[-1]["value"]).keys()
+    status, curves, summary, sweep, confusion, result, download = update
     assert status == "Done." and "Validation accuracy" in summary and len(confusion) == 4
-    assert load_router(download["value"]).keys() == result.router.keys()
+    assert saved == result.router.keys() and not Path(download["value"]).exists()  # removed with its run
     router, message = tab.use_in_chat(result)
     assert router is result.router and "this browser session" in message
     assert tab.cancel(SimpleNamespace(session_hash="test")) == "Nothing to cancel."  # the run is over
@@ -214,7 +217,7 @@ def test_tab_removes_the_unpacked_upload(engine, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     assert run_tab(FinetuneTab(engine), [str(data)], epochs=2)[-1][0] == "Done."
-    assert not list((tmp_path / "tmp").glob("metis-finetune-data-*"))
+    assert not list((tmp_path / "tmp").glob("metis-finetune-*"))
 
 
 def test_tab_failed_run_says_why_and_leaves_the_router(engine, monkeypatch):

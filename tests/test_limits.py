@@ -159,3 +159,146 @@ def test_no_tag_survives_random_mixtures(seed):
     reasoning, answer = parse(pieces)
     for tag in TAGS:
         assert tag not in reasoning and tag not in answer
+
+
+# -- fine-tuning uploads: one budget per run ---------------------------------------------------------
+
+import zipfile  # noqa: E402
+
+from metis.finetune.data import DatasetError, UploadBudget, unpack_upload  # noqa: E402
+
+
+def small_zip(path, members: dict[str, bytes]):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return str(path)
+
+
+def test_many_zips_of_one_run_never_unpack_more_than_its_budget(tmp_path):
+    zips = [small_zip(tmp_path / f"part{i}.zip", {f"p{i}/blob.bin": b"\0" * 400_000}) for i in range(6)]
+    budget = UploadBudget(max_bytes=1_000_000)
+    with pytest.raises(DatasetError, match=r"part2.zip: the uploads of this run would unpack to 1 MiB, at most 0 MiB"):
+        unpack_upload(zips, tmp_path / "run", budget)
+    unpacked = sum(p.stat().st_size for p in (tmp_path / "run").rglob("*") if p.is_file())
+    assert unpacked == 800_000 <= budget.max_bytes
+
+
+def test_files_are_counted_across_zips_and_loose_uploads(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "q", "label": "think"}\n')
+    archive = small_zip(tmp_path / "many.zip", {f"{i}.txt": b"x" for i in range(5)})
+    with pytest.raises(DatasetError, match="many.zip: the uploads of this run would hold 11 files, at most 6"):
+        unpack_upload([str(tmp_path / "d.jsonl"), archive, archive], tmp_path / "run", UploadBudget(max_files=6))
+
+
+# -- prompt tokens and time per request -------------------------------------------------------------
+
+import time  # noqa: E402
+
+from metis.budget import RequestLimits, count_tokens  # noqa: E402
+from metis.generation import GenerationSettings  # noqa: E402
+from metis.prompting import Message, PromptError  # noqa: E402
+from metis.streaming import Done, Notice  # noqa: E402
+from metis.ui.events import ChatTurn  # noqa: E402
+
+
+def long_conversation(turns=16, chars=8000):
+    """16 turns of 8,000 characters: the 256 KB request that held the model for 78 s."""
+    out = []
+    for i in range(turns):
+        out += [Message("user", (f"question {i} " + "words " * (chars // 6))[:chars]), Message("assistant", "ok " * 400)]
+    return out + [Message("user", "and now?")]
+
+
+@pytest.fixture
+def limits(engine):
+    saved = engine.limits
+    yield lambda **kw: setattr(engine, "limits", RequestLimits(**kw))
+    engine.limits = saved
+
+
+def test_an_over_long_conversation_is_refused_at_once(engine, limits):
+    limits(max_prompt_tokens=4096, overflow="refuse")
+    start = time.perf_counter()
+    with pytest.raises(PromptError, match=r"tokens long \(images included\), over this server's limit of 512"):
+        list(engine.stream(long_conversation(), GenerationSettings(max_new_tokens=4)))
+    assert time.perf_counter() - start < 1.0  # limit: min(4096, the fixture model's 512-position context)
+
+
+def test_an_over_long_conversation_is_trimmed_with_a_note(engine, limits):
+    limits(max_prompt_tokens=4096, overflow="trim")
+    events = list(engine.stream(long_conversation(), GenerationSettings(mode="direct", max_new_tokens=4)))
+    assert isinstance(events[0], Notice) and "oldest 32 message(s) were left out" in events[0].text
+    assert isinstance(events[-1], Done)
+    turn = ChatTurn()
+    for event in events:
+        turn.feed(event)
+    assert turn.messages()[0]["metadata"]["title"] == "ℹ️ Note"
+
+
+def test_image_tokens_are_counted_without_processing_pixels(engine):
+    from PIL import Image
+
+    messages = [Message("user", "what?", [Image.new("RGB", (300, 200)), Image.new("RGB", (56, 56))])]
+    assert count_tokens(engine.prompts, messages) == engine.prompts.build(messages)["input_ids"].shape[1]
+
+
+def test_no_answer_holds_the_model_past_its_deadline(engine, limits, long_question_messages):
+    limits(max_seconds=0.5)
+    start = time.perf_counter()
+    events = list(engine.stream(long_question_messages, GenerationSettings(mode="think", max_new_tokens=16384)))
+    assert events[-1].stats.stop_reason == "deadline" and time.perf_counter() - start < 5
+
+
+@pytest.fixture
+def long_question_messages():
+    from PIL import Image
+
+    return [Message("user", "How many squares are there?", [Image.new("RGB", (112, 112), "white")])]
+
+
+# -- memory of one request's images, measured in a fresh process (tests/rss_probe.py) ---------------
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def probe(kind: str, target) -> dict:
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "rss_probe.py"), kind, str(target)], cwd=ROOT,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_images_at_the_pixel_cap_stay_under_a_gigabyte(tmp_path):
+    from PIL import Image
+
+    image = Image.new("RGB", (7300, 5479), (200, 30, 30))  # 40.0 Mpixel, the per-image cap
+    image.save(tmp_path / "a.jpg")
+    image.save(tmp_path / "b.png")
+    del image
+    measured = probe("chat", tmp_path)
+    assert measured["outcome"] == "ok"
+    assert measured["peak_above_mib"] < 1024 and measured["after_above_mib"] < 100, measured
+
+
+def test_a_zip_of_huge_images_is_refused_from_its_headers(tmp_path):
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.new("L", (13000, 13000)).save(buf, "PNG")
+    rows = []
+    with zipfile.ZipFile(tmp_path / "big.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        for r in range(4):
+            names = [f"img/{r}_{i}.png" for i in range(8)]
+            for name in names:
+                zf.writestr(name, buf.getvalue())
+            rows.append(json.dumps({"text": f"q{r}", "images": names, "label": "think"}))
+        zf.writestr("d.jsonl", "\n".join(rows) + "\n")
+    measured = probe("finetune", tmp_path / "big.zip")
+    assert "32 problem(s)" in measured["outcome"] and "too large to decode" in measured["outcome"]
+    assert measured["peak_above_mib"] < 1024 and measured["after_above_mib"] < 100, measured

@@ -164,16 +164,34 @@ def dataset_hash(examples: list[Example]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _unzip(archive: Path, dest: Path) -> None:
-    """Extract with the limits an upload needs: no path leaving `dest`, bounded size and count."""
+@dataclass
+class UploadBudget:
+    """What all uploads of one fine-tuning run may put on disk together: bytes and files, counted
+    across zips and loose files, checked before anything of an upload is written."""
+
+    max_bytes: int = MAX_UNPACKED_BYTES
+    max_files: int = MAX_ZIP_MEMBERS
+    used_bytes: int = 0
+    used_files: int = 0
+
+    def take(self, name: str, size: int, files: int) -> None:
+        if self.used_files + files > self.max_files:
+            raise DatasetError([f"{name}: the uploads of this run would hold {self.used_files + files:,} files, "
+                                f"at most {self.max_files:,}"])
+        if self.used_bytes + size > self.max_bytes:
+            raise DatasetError([f"{name}: the uploads of this run would unpack to "
+                                f"{(self.used_bytes + size) / 2**20:.0f} MiB, at most {self.max_bytes // 2**20} MiB"])
+        self.used_bytes += size
+        self.used_files += files
+
+
+def _unzip(archive: Path, dest: Path, budget: UploadBudget) -> None:
+    """Extract with the limits an upload needs: no path leaving `dest`, size and count within the
+    run's budget (the sizes a zip declares bound what it extracts: zipfile stops at them)."""
     try:
         with zipfile.ZipFile(archive) as zf:
             members = [m for m in zf.infolist() if not m.is_dir()]
-            if len(members) > MAX_ZIP_MEMBERS:
-                raise DatasetError([f"{archive.name}: too many files ({len(members)}, at most {MAX_ZIP_MEMBERS})"])
-            if (size := sum(m.file_size for m in members)) > MAX_UNPACKED_BYTES:
-                raise DatasetError([f"{archive.name}: unpacks to {size / 2**20:.0f} MiB, at most "
-                                    f"{MAX_UNPACKED_BYTES // 2**20} MiB"])
+            budget.take(archive.name, sum(m.file_size for m in members), len(members))
             bad = [m.filename for m in members if not (dest / m.filename).resolve().is_relative_to(dest)]
             if bad:
                 raise DatasetError([f"{archive.name}: entry {name!r} would land outside the dataset folder"
@@ -183,18 +201,21 @@ def _unzip(archive: Path, dest: Path) -> None:
         raise DatasetError([f"{archive.name}: not a valid zip file ({exc})"]) from exc
 
 
-def unpack_upload(files: list[str | Path], dest: str | Path) -> Path:
+def unpack_upload(files: list[str | Path], dest: str | Path, budget: UploadBudget | None = None) -> Path:
     """Gather uploaded files into `dest` and return the one dataset file among them.
 
     A zip keeps its folders; loose files are copied side by side, so their image paths must be
-    plain file names.
+    plain file names. All of them together stay within `budget` (one per run); the one dataset
+    file's row limit (MAX_LINES) is then the run's.
     """
+    budget = budget or UploadBudget()
     dest = Path(dest).resolve()
     dest.mkdir(parents=True, exist_ok=True)
     for file in map(Path, files):
         if file.suffix.lower() == ".zip":
-            _unzip(file, dest)
+            _unzip(file, dest, budget)
         else:
+            budget.take(file.name, file.stat().st_size, 1)
             shutil.copy(file, dest / file.name)
     found = sorted(p for p in dest.rglob("*") if p.suffix.lower() in DATA_SUFFIXES and "__MACOSX" not in p.parts)
     if len(found) != 1:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from ..images import load_images
 from ..prompting import Message
 from ..routing import RoutingTrace
-from ..streaming import AnswerDelta, Done, Event, Failed, GenerationStats, Progress, ReasoningDelta, Routed
+from ..streaming import AnswerDelta, Done, Event, Failed, GenerationStats, Notice, Progress, ReasoningDelta, Routed
 
 LATEX_DELIMITERS = [
     {"left": "$$", "right": "$$", "display": True},
@@ -25,6 +25,7 @@ LATEX_DELIMITERS = [
 ]
 _MATH = re.compile(r"\$\$.*?\$\$|\\\[.*?\\\]|\\\(.*?\\\)|\$[^$]+\$", re.S)
 ERROR_TITLE = "⚠️ Error"
+NOTICE_TITLE = "ℹ️ Note"
 STOPPED_NOTE = "*(stopped)*"
 
 
@@ -84,6 +85,7 @@ class ChatTurn:
         self.trace: RoutingTrace | None = None
         self.stats: GenerationStats | None = None
         self.error: str | None = None
+        self.notice: str | None = None
         self.stopped = False
         self.reasoning = ""
         self.answer = ""
@@ -93,6 +95,8 @@ class ChatTurn:
 
     def feed(self, event: Event) -> None:
         match event:
+            case Notice(text):
+                self.notice = text
             case Routed(trace):
                 self.trace = trace
                 if trace.decision == "direct":
@@ -125,7 +129,7 @@ class ChatTurn:
         return self._think_start is not None
 
     def messages(self) -> list[dict]:
-        out = []
+        out = [{"role": "assistant", "content": self.notice, "metadata": {"title": NOTICE_TITLE}}] if self.notice else []
         if self._note is not None:
             body = self.reasoning if self.thinking else "The router sent this question to the non-thinking expert."
             if self.thinking and self._note.get("status") == "done" and not self.reasoning.strip():

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import tempfile
 import threading
+from pathlib import Path
 
 import gradio as gr
 import plotly.graph_objects as go
@@ -37,7 +38,7 @@ SLIDERS = {
 
 def curves_figure(history) -> go.Figure:
     epochs = [m.epoch for m in history]
-    fig = go.Figure()
+    fig = go.Figure(layout={"template": None})  # see plots._layout: no template in the page's state
     fig.add_scatter(x=epochs, y=[m.train_loss for m in history], name="train loss")
     fig.add_scatter(x=epochs, y=[m.val_loss for m in history], name="validation loss")
     fig.add_scatter(x=epochs, y=[m.val_accuracy for m in history], name="validation accuracy", yaxis="y2")
@@ -48,7 +49,7 @@ def curves_figure(history) -> go.Figure:
 
 
 def sweep_figure(sweep: list[dict]) -> go.Figure:
-    fig = go.Figure()
+    fig = go.Figure(layout={"template": None})
     x = [row["threshold"] for row in sweep]
     fig.add_scatter(x=x, y=[row["accuracy"] for row in sweep], name="accuracy")
     fig.add_scatter(x=x, y=[row["think_ratio"] for row in sweep], name="share sent to thinking")
@@ -99,8 +100,10 @@ class FinetuneTab:
               request: gr.Request, progress=gr.Progress()):
         """Generator of (status, curves, summary, sweep, confusion, result, download) updates."""
         nothing = _unchanged()
+        # the run's one folder (its uploads, then its router file) is removed when the run ends, however
+        # it ends; Gradio has copied the router file to its own cache by the time the generator resumes
         with self._registered(request.session_hash) as cancel, \
-                tempfile.TemporaryDirectory(prefix="metis-finetune-data-") as folder:  # an upload lives for its run
+                tempfile.TemporaryDirectory(prefix="metis-finetune-run-") as folder:
             if cancel.is_set():
                 yield ("Cancelled before it started.", *nothing)
                 return
@@ -109,7 +112,7 @@ class FinetuneTab:
                                          val_fraction=float(val_fraction), seed=int(seed), patience=int(patience),
                                          target_ratio=float(target_ratio))
                 if files:
-                    data = unpack_upload(files, folder)
+                    data = unpack_upload(files, Path(folder) / "data")  # one budget for all uploads
                 elif use_sample:
                     data = SAMPLE_FILE
                 else:
@@ -122,7 +125,7 @@ class FinetuneTab:
                 yield (f"### Invalid settings\n{exc}", *nothing)
                 return
             try:
-                yield from self._run(examples, settings, cancel, progress)
+                yield from self._run(examples, settings, cancel, progress, Path(folder) / "router")
             except Exception as exc:  # the server and the chat's router carry on as they were
                 log.exception("fine-tuning run failed")
                 yield (f"### The run failed\n{type(exc).__name__}: {exc}\n\nThe chat's router is unchanged.",
@@ -137,7 +140,7 @@ class FinetuneTab:
         finally:
             self.cancels.pop(session, None)
 
-    def _run(self, examples, settings: TrainSettings, cancel: threading.Event, progress):
+    def _run(self, examples, settings: TrainSettings, cancel: threading.Event, progress, out: Path):
         nothing = _unchanged()
         yield (f"Extracting router features of {len(examples)} queries…", *nothing)
         try:
@@ -153,7 +156,7 @@ class FinetuneTab:
             yield (status, curves_figure(trainer.history), *nothing[1:])
         result = trainer.result()
         s = result.summary
-        router_file = result.save(tempfile.mkdtemp(prefix="metis-finetune-run-"))
+        router_file = result.save(out)
         status = "Cancelled: showing the best epoch so far." if s["cancelled"] else "Done."
         yield (status, curves_figure(result.history), summary_markdown(s), sweep_figure(s["threshold_sweep"]),
                confusion_rows(s), result, gr.update(value=str(router_file), visible=True))

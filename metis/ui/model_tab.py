@@ -43,8 +43,18 @@ def info_markdown(info: dict | None, error: str | None = None) -> str:
     return "\n".join(["| Loaded model | |", "|---|---|", *rows])
 
 
-def build(info: dict | None, error: str | None) -> None:
+def limits_markdown(limits) -> str:
+    """What one request may cost here (metis/budget.py; set by METIS_* environment variables)."""
+    action = "refused" if limits.overflow == "refuse" else "trimmed: the oldest turns are dropped, with a note"
+    return (f"**Limits per request**: prompts of at most {limits.max_prompt_tokens:,} tokens, images included "
+            f"(or the model's context, if smaller); longer ones are {action}. No answer holds the model "
+            f"longer than {limits.max_seconds:g} s.")
+
+
+def build(info: dict | None, error: str | None, limits=None) -> None:
     gr.Markdown(info_markdown(info, error))
+    if limits is not None:
+        gr.Markdown(limits_markdown(limits))
     gr.Markdown(
         "Metis-HOME duplicates only the feed-forward layers of Qwen2.5-VL into a **thinking** and a "
         "**direct** expert; attention, embeddings and the vision tower are shared. A router looks at "

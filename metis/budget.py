@@ -1,0 +1,73 @@
+"""What one request may cost the shared model, known before the prefill: prompt tokens and time.
+
+The prompt is counted from the text's tokens and each image's size (the image processor's own
+resize rule; no pixel is processed). Over the limit, a request is refused, or its oldest turns
+are dropped and the answer says so (`overflow`, a server setting). The deadline bounds how long
+one answer may hold the model slot.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+from .prompting import Message, PromptBuilder, PromptError
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_prompt_tokens: int = 8192  # the model's context may lower it
+    overflow: str = "refuse"  # or "trim": drop the oldest turns, with a note in the answer
+    max_seconds: float = 120.0  # no answer holds the model slot longer
+
+    def __post_init__(self):
+        if self.overflow not in ("refuse", "trim"):
+            raise ValueError(f"overflow must be refuse or trim, got {self.overflow!r}")
+
+    @classmethod
+    def from_env(cls) -> "RequestLimits":
+        """METIS_MAX_PROMPT_TOKENS, METIS_PROMPT_OVERFLOW, METIS_MAX_SECONDS (server settings)."""
+        env = os.environ.get
+        return cls(int(env("METIS_MAX_PROMPT_TOKENS", cls.max_prompt_tokens)),
+                   env("METIS_PROMPT_OVERFLOW", cls.overflow), float(env("METIS_MAX_SECONDS", cls.max_seconds)))
+
+
+def image_tokens(prompts: PromptBuilder, width: int, height: int) -> int:
+    processor = prompts.image_processor
+    bounds = processor.size
+    lo = prompts.config.min_pixels or bounds["shortest_edge"]
+    hi = prompts.config.max_pixels or bounds["longest_edge"]
+    factor = processor.patch_size * processor.merge_size
+    h, w = smart_resize(height, width, factor=factor, min_pixels=lo, max_pixels=hi)
+    return (h // processor.patch_size) * (w // processor.patch_size) // processor.merge_size**2
+
+
+def count_tokens(prompts: PromptBuilder, messages: list[Message]) -> int:
+    counts = [image_tokens(prompts, *image.size) for m in messages for image in m.images]
+    return len(prompts.token_ids(messages, counts))
+
+
+def prompt_limit(limits: RequestLimits, context: int | None) -> int:
+    """The server's setting, lowered to the model's context (positions it was trained on)."""
+    return min(limits.max_prompt_tokens, context) if context else limits.max_prompt_tokens
+
+
+def fit(prompts: PromptBuilder, messages: list[Message], limit: int, overflow: str) -> tuple[list[Message], str | None]:
+    """The messages within `limit` prompt tokens, and a note when turns were dropped; or a
+    PromptError saying by how much the request is over."""
+    prompts.validate(messages)
+    total = count_tokens(prompts, messages)
+    if total <= limit:
+        return messages, None
+    kept = messages
+    if overflow == "trim":
+        while len(kept) > 1:
+            kept = kept[2:] if kept[0].role == "user" and len(kept) > 2 else kept[1:]  # a whole turn
+            if (n := count_tokens(prompts, kept)) <= limit:
+                dropped = len(messages) - len(kept)
+                return kept, (f"The conversation was {total:,} tokens, over this server's limit of {limit:,}: "
+                              f"its oldest {dropped} message(s) were left out ({n:,} tokens kept).")
+    raise PromptError(f"The conversation is {total:,} tokens long (images included), over this server's limit "
+                      f"of {limit:,} tokens per request. Start a new chat or send less text or fewer images.")
