@@ -46,6 +46,7 @@ def build_demo(engine_or_error) -> gr.Blocks:
             with gr.Tab("Fine-tune router"):
                 build_finetune_tab(engine_or_error, router, runner)
         with gr.Tab("Model"):
+            # a remote backend's limits are its servers' own, so only a local engine reports them
             model_tab.build(info, None if runner.available else engine_or_error.error,
-                            engine_or_error.limits if runner.available else None)
+                            getattr(engine_or_error, "limits", None) if runner.available else None)
     return demo

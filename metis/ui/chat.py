@@ -195,7 +195,8 @@ def build(runner: Runner, session: gr.State, router: gr.State, threshold: float)
             messages = api_messages(message)
             threshold = values.number("threshold", threshold, optional=True)
             trace = runner.route(messages, values.mode(mode), threshold, router_value).to_dict()
-            return {**trace, "attn_implementation": runner.engine.info.attn_implementation}
+            # a remote backend's attention runs on its servers: null here
+            return {**trace, "attn_implementation": getattr(runner.engine.info, "attn_implementation", None)}
         except USER_ERRORS as exc:
             raise gr.Error(str(exc)) from None
 
