@@ -20,6 +20,7 @@ from metis.rehearsal import PUBLISHED_CONFIG, TEXT_SIZE, VISION_SIZE
 from metis.routing import MODES
 from metis.streaming import AnswerDelta, Done, IncrementalDecoder, OutputParser, ReasoningDelta
 from metis.ui import build_demo
+from metis.ui.chat import MODES as APP_MODES
 from metis.ui.model_tab import info_markdown
 
 SCRIPT = "<think>Two squares and one circle: 2 + 1 = 3.</think><answer>There are \\boxed{3} shapes.</answer>"
@@ -243,6 +244,7 @@ def test_cli_loads_the_sharded_checkpoint_and_chats_in_every_mode(rehearsal, reh
 
 
 def test_app_chats_and_routes_in_every_mode(rehearsal, tmp_path):
+    """The app's modes (auto, think, direct; per-token routing is a library/CLI mode only)."""
     image = tmp_path / "shapes.png"
     Image.new("RGB", (224, 224), "white").save(image)
     demo = build_demo(rehearsal)
@@ -250,7 +252,7 @@ def test_app_chats_and_routes_in_every_mode(rehearsal, tmp_path):
     demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
         client = Client(demo.local_url, verbose=False)
-        for mode in MODES:
+        for _, mode in APP_MODES:
             message = {"text": "How many shapes?", "files": [handle_file(str(image))]}
             trace = client.predict(message, mode, api_name="/route")
             assert trace["mode"] == mode and trace["attn_implementation"] == "sdpa"
