@@ -19,7 +19,8 @@ from pathlib import Path
 if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):
     import spaces  # noqa: F401
 
-from metis.generation import Engine
+from metis.serving.engine import Engine
+from metis.serving.scheduler import BatchLimits
 from metis.ui import CSS, THEME, build_demo
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
@@ -33,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="checkpoint folder or Hub id (env METIS_MODEL; default: the embedded tiny model)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--max-batch", type=int, default=int(os.environ.get("METIS_MAX_BATCH", BatchLimits.max_batch)),
+                        help="answers decoded together on the local model; 1 answers one at a time, "
+                             "lower bounds memory (env METIS_MAX_BATCH; default 16, measured in BENCHMARKS.md)")
     remote = parser.add_argument_group("remote backend", "route here, answer from two OpenAI-compatible servers")
     remote.add_argument("--router", default=os.environ.get("METIS_ROUTER"),
                         help="router folder written by `python -m metis export-experts` (env METIS_ROUTER)")
@@ -56,7 +60,7 @@ def load_engine(args: argparse.Namespace):
             from metis.serving.remote import RemoteEngine
 
             return RemoteEngine.load(args.router, args.think_url, args.direct_url)
-        return Engine.load(args.model)
+        return Engine.load(args.model, batch=BatchLimits(args.max_batch, BatchLimits.from_env().max_batch_tokens))
     except Exception as exc:
         log.error("could not load %r: %s: %s", args.router or args.model or "embedded", type(exc).__name__, exc)
         return exc
@@ -66,8 +70,9 @@ logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 args = parse_args()
 engine = load_engine(args)
 demo = build_demo(engine)
-# one in-process model: answers take turns, queued users see their place; remote pools batch their own
-demo.queue(default_concurrency_limit=REMOTE_CONCURRENCY if uses_remote(args) else 1)
+# as many answers in flight as one batch holds (the engine decodes them together; later ones see
+# their place in Gradio's queue); remote pools batch their own
+demo.queue(default_concurrency_limit=REMOTE_CONCURRENCY if uses_remote(args) else max(args.max_batch, 1))
 
 if __name__ == "__main__":
     demo.launch(server_name=args.host, server_port=args.port, max_file_size="10mb",

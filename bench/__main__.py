@@ -16,7 +16,7 @@ import time
 import torch
 import transformers
 
-from metis.generation import Engine
+from metis.serving.engine import Engine
 
 from . import gpu, hybrid, memory, remote, routing, scaling, server, streaming
 from .common import checkpoint, cpu_only_children

@@ -21,7 +21,7 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.generation.streamers import BaseStreamer
 
-from metis.generation import Engine
+from metis.serving.engine import Engine
 from metis.loading import EMBEDDED
 from metis.prompting import Message
 from metis.tiny import world
@@ -118,15 +118,15 @@ def decode_settings(engine: Engine, new_tokens: int) -> dict:
 @contextlib.contextmanager
 def fixed_length(model, new_tokens: int):
     """Force exactly `new_tokens` tokens from callers that cannot pass `min_new_tokens` (the engine):
-    no end of sequence and no stop string, so random or early-stopping models still produce
-    comparable work."""
+    transformers then masks every end token the engine stops on (end of sequence and a one-token
+    `</answer>`), so random or early-stopping models still produce comparable work."""
     config = model.generation_config
-    saved = config.min_new_tokens, config.stop_strings
-    config.min_new_tokens, config.stop_strings = new_tokens, None
+    saved = config.min_new_tokens
+    config.min_new_tokens = new_tokens
     try:
         yield
     finally:
-        config.min_new_tokens, config.stop_strings = saved
+        config.min_new_tokens = saved
 
 
 class Clock(BaseStreamer):

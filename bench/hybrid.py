@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from metis.generation import Engine, GenerationSettings
+from metis.serving.engine import Engine, GenerationSettings
 from metis.prompting import Message
 from metis.tiny import world
 

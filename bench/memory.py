@@ -13,7 +13,7 @@ import resource
 from accelerate import init_empty_weights
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from metis.generation import Engine
+from metis.serving.engine import Engine
 from metis.loading import describe
 
 from .common import dense_twin

@@ -23,7 +23,7 @@ from transformers import GenerationConfig
 
 from deploy.transformers_serve import stock_servers
 from metis.export import export_experts
-from metis.generation import Engine, GenerationSettings
+from metis.serving.engine import Engine, GenerationSettings
 from metis.serving.remote import RemoteEngine
 from metis.streaming import Done, Failed, Routed
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from metis.generation import Engine
+from metis.serving.engine import Engine
 
 from .common import Clock, decode_settings, interleave, ratio, sample_messages, timed, upcycled_pair
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from metis.generation import Engine
+from metis.serving.engine import Engine
 from metis.prompting import Message, PromptBuilder, PromptConfig
 from metis.tiny import world
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from gradio_client import Client, handle_file
 
-from metis.generation import Engine, GenerationSettings
+from metis.serving.engine import Engine, GenerationSettings
 from metis.streaming import Done, Routed
 
 from .common import fixed_length, interleave, ratio, sample_messages

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from metis.generation import Engine, GenerationSettings
+from metis.serving.engine import Engine, GenerationSettings
 from metis.streaming import Done
 
 from .common import decode_settings, fixed_length, interleave, ratio, sample_messages, timed_cpu

@@ -10,7 +10,7 @@ import json
 import sys
 
 from .explain import strongest
-from .generation import Engine, GenerationSettings
+from .serving.engine import Engine, GenerationSettings
 from .loading import ROOT
 from .prompting import Message
 from .routing import MODES

@@ -125,3 +125,22 @@ class PromptBuilder:
             else:
                 ids += self._turn("assistant", strip_reasoning(m.text))
         return ids + [self.im_start, *self._text("assistant\n")]
+
+
+def left_pad(prompts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Several built prompts (each a batch of one) as one left-padded batch: every row's last prompt
+    token sits in the same column, where generation continues. Images stay in row order, as
+    Qwen2.5-VL's rope index expects; pad positions have attention 0 and no image tokens."""
+    width = max(p["input_ids"].shape[1] for p in prompts)
+    batch = {name: torch.full((len(prompts), width), pad_id if name == "input_ids" else 0, dtype=torch.long)
+             for name in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    for row, prompt in enumerate(prompts):
+        n = prompt["input_ids"].shape[1]
+        for name, padded in batch.items():
+            padded[row, width - n:] = prompt[name][0]
+    batch["mm_token_type_ids"] = batch["mm_token_type_ids"].int()
+    vision = [p for p in prompts if "pixel_values" in p]
+    if vision:
+        batch["pixel_values"] = torch.cat([p["pixel_values"] for p in vision])
+        batch["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in vision])
+    return batch

@@ -43,7 +43,8 @@ class Routing:
     mode: `auto` uses the router against `threshold`; `think`/`direct` force an expert; `token` is
     Qwen2-MoE's per-token top-k. `labels` (one expert index per sample) forces experts per sample,
     which is how training sends each sample through the expert of its label. `prompt_mask` marks the
-    prompt tokens the router pools over; by default every non-padding token of the prefill.
+    prompt tokens the router pools over; by default every token of the prefill. `rows` gives each
+    row of a served batch its own (mode, threshold), so users who chose differently share a batch.
     """
 
     mode: Mode = "auto"
@@ -52,6 +53,7 @@ class Routing:
     temperature: float = 1.0  # calibration of the deciding gate (config.router_temperature)
     labels: torch.Tensor | None = None
     prompt_mask: torch.Tensor | None = None
+    rows: tuple[tuple[str, float], ...] | None = None  # per-row (mode, threshold) of a query-mode batch
     # filled during prefill
     expert: torch.Tensor | None = None  # [batch] chosen expert per sample
     layer_logits: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, [batch, experts]
@@ -76,6 +78,11 @@ class Routing:
         think = self.thinking_expert
         if self.labels is not None:
             return self.labels.to(pooled_logits.device, torch.long)
+        if self.rows is not None:
+            p_think = (pooled_logits.float() / self.temperature).softmax(-1)[:, think].tolist()
+            chosen = [think if mode == "think" or (mode == "auto" and p >= threshold) else 1 - think
+                      for (mode, threshold), p in zip(self.rows, p_think)]
+            return torch.tensor(chosen, dtype=torch.long, device=pooled_logits.device)
         if self.mode == "think":
             return torch.full((batch,), think, dtype=torch.long, device=pooled_logits.device)
         if self.mode == "direct":
@@ -104,5 +111,6 @@ class Routing:
         if self.mode == "token":
             share = sum(self.token_think_counts) / max(len(self.token_think_counts), 1)
             return RoutingTrace(per_layer[0], "token", per_layer, self.mode, self.threshold, share)
+        mode, threshold = self.rows[sample] if self.rows is not None else (self.mode, self.threshold)
         decision = "think" if int(self.expert[sample]) == self.thinking_expert else "direct"
-        return RoutingTrace(per_layer[0], decision, per_layer, self.mode, self.threshold)
+        return RoutingTrace(per_layer[0], decision, per_layer, mode, threshold)

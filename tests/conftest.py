@@ -81,7 +81,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def engine(tiny_checkpoint):
-    from metis.generation import Engine
+    from metis.serving.engine import Engine
 
     return Engine.load(str(tiny_checkpoint))
 
@@ -124,6 +124,6 @@ def rehearsal_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def rehearsal(rehearsal_checkpoint):
-    from metis.generation import Engine
+    from metis.serving.engine import Engine
 
     return Engine.load(str(rehearsal_checkpoint))

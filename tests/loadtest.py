@@ -21,7 +21,7 @@ from pathlib import Path
 from gradio_client import Client, handle_file
 
 from bench.common import fixed_length
-from metis.generation import Engine, GenerationSettings
+from metis.serving.engine import Engine, GenerationSettings
 from metis.prompting import Message
 from metis.tiny import world
 

@@ -141,7 +141,7 @@ def test_stop_ends_a_long_answer(scripted):
 
 def test_readme_screenshots_of_the_embedded_model(browser, tmp_path):
     """The embedded model thinking, then comparing its experts, then fine-tuning its router."""
-    from metis.generation import Engine
+    from metis.serving.engine import Engine
 
     README_SHOTS.mkdir(parents=True, exist_ok=True)
     demo, page = open_app(browser, Engine.load(), tmp_path)

@@ -11,7 +11,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from metis.__main__ import main
 from metis.export import NotSplittable, export_experts, load_router
-from metis.generation import Engine
+from metis.serving.engine import Engine
 from metis.modeling import MetisHomeForConditionalGeneration
 from metis.prompting import Message
 from metis.tiny import world

@@ -141,7 +141,7 @@ def test_training_improves_routing_and_router_round_trips(engine, toy, toy_featu
     assert tuned.decision == "think"
     assert all(torch.equal(own[k], v) for k, v in engine.model.router_state_dict().items())
     saved = save_model(engine, router, tmp_path / "model")
-    from metis.generation import Engine
+    from metis.serving.engine import Engine
 
     baked = Engine.load(str(saved))
     assert all(torch.equal(baked.model.router_state_dict()[k], router[k]) for k in router)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from metis.generation import GenerationSettings, ThinkingBudget, _TokenQueue
+from metis.serving.batch import RowBudgets, RowStreamer, ThinkingBudget
+from metis.serving.engine import GenerationSettings
 from metis.prompting import Message, PromptError, strip_reasoning
 from metis.streaming import (
     AnswerDelta, Done, Failed, IncrementalDecoder, OutputParser, Progress, ReasoningDelta, Routed,
@@ -132,7 +133,7 @@ def test_stream_event_order_and_stats(engine, monkeypatch):
     settings = GenerationSettings(mode="think", max_new_tokens=12)
     runs = []
     for flush_s in (0.0, float("inf")):  # a handoff per token / the first token, then all the rest
-        monkeypatch.setattr(_TokenQueue, "FLUSH_S", flush_s)
+        monkeypatch.setattr(RowStreamer, "FLUSH_S", flush_s)
         runs.append(list(engine.stream(_ask(), settings)))
     events = runs[0]
     assert events[:-1] == runs[1][:-1]
@@ -158,8 +159,9 @@ def test_route_matches_stream_decision(engine):
 
 
 class CancelAfterChecks(threading.Event):
-    """A cancel flag that turns itself on at its n-th check: the worker checks it once per
-    decoding step, so "cancelled at step n" needs no race with the worker thread."""
+    """A cancel flag that turns itself on at its n-th check: the scheduler checks it once when it
+    forms the batch, then once per decoding step, so "cancelled at step n" needs no race with the
+    batch's thread."""
 
     def __init__(self, n):
         super().__init__()
@@ -171,10 +173,10 @@ class CancelAfterChecks(threading.Event):
 
 
 def test_cancel_stops_generation_at_the_next_step(engine):
-    """The worker checks the cancel flag after every token: set during step 3, 3 tokens come."""
-    events = list(engine.stream(_ask(), GenerationSettings(max_new_tokens=16384), cancel=CancelAfterChecks(3)))
+    """The batch checks the cancel flag after every token: set during step 3, 3 tokens come."""
+    events = list(engine.stream(_ask(), GenerationSettings(max_new_tokens=16384), cancel=CancelAfterChecks(4)))
     assert events[-1].stats.stop_reason == "cancelled" and events[-1].stats.tokens == 3
-    assert not any(t.name == "metis-generate" for t in threading.enumerate())
+    assert engine.scheduler.idle(timeout=30)
 
 
 def test_cancel_from_the_consumer_ends_the_stream(engine):
@@ -188,39 +190,31 @@ def test_cancel_from_the_consumer_ends_the_stream(engine):
         if isinstance(event, Done):
             done = event
     assert done.stats.stop_reason == "cancelled" and 3 <= done.stats.tokens < 16384
-    assert not any(t.name == "metis-generate" for t in threading.enumerate())
-
-
-def test_cancel_criterion_stops_every_row():
-    from metis.generation import _Cancelled
-
-    flag = threading.Event()
-    criterion = _Cancelled(flag)
-    ids = torch.zeros(2, 5, dtype=torch.long)
-    assert not criterion(ids, None).any()
-    flag.set()
-    assert criterion(ids, None).all()
+    assert engine.scheduler.idle(timeout=30)
 
 
 def test_abandoned_stream_frees_the_worker(engine):
     stream = engine.stream(_ask(), GenerationSettings(max_new_tokens=2000))
     next(stream)
     stream.close()
-    assert not any(t.name == "metis-generate" for t in threading.enumerate())
+    assert engine.scheduler.idle(timeout=30)
     assert isinstance(list(engine.stream(_ask(), GenerationSettings(max_new_tokens=3)))[-1], Done)
 
 
 def test_thinking_budget_forces_the_close_tag():
-    close = [7, 8]
-    budget = ThinkingBudget(budget=3, prompt_len=2, close_ids=close)
-    scores = torch.zeros(1, 10)
-    seq = [1, 1, 5, 5, 5]  # prompt of 2, then 3 thinking tokens: budget reached
-    forced = budget(torch.tensor([seq]), scores)
-    assert forced.argmax().item() == 7 and torch.isinf(forced).sum() == 9
-    forced = budget(torch.tensor([seq + [7]]), scores)
-    assert forced.argmax().item() == 8
-    assert torch.equal(budget(torch.tensor([seq + [7, 8]]), scores), scores)  # closed: free again
-    assert torch.equal(budget(torch.tensor([seq + [7, 8, 5]]), scores), scores)
+    budget = ThinkingBudget(budget=3, close_ids=[7, 8])
+    seq = [5, 5, 5]  # 3 thinking tokens: budget reached
+    assert budget.forced(seq) == 7
+    assert budget.forced(seq + [7]) == 8
+    assert budget.forced(seq + [7, 8]) is None  # closed: free again
+    assert budget.forced(seq + [7, 8, 5]) is None
+
+
+def test_row_budgets_force_only_their_own_row():
+    budgets = RowBudgets([ThinkingBudget(budget=1, close_ids=[7]), None], prompt_len=2)
+    scores = budgets(torch.tensor([[0, 1, 5], [1, 1, 5]]), torch.zeros(2, 10))
+    assert scores[0].argmax().item() == 7 and torch.isinf(scores[0]).sum() == 9
+    assert torch.equal(scores[1], torch.zeros(10))
 
 
 def test_thinking_budget_in_stream(engine):

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import moe_config
 from metis.configuration import MetisHomeConfig
-from metis.generation import ThinkingBudget
+from metis.serving.batch import ThinkingBudget
 from metis.loading import EMBEDDED, NotEnoughGPUMemory, gpu_device_map, load, pick_runtime, placement
 from metis.modeling import MetisHomeMoeBlock
 from metis.streaming import IncrementalDecoder
@@ -203,12 +203,9 @@ def _replay(tokenizer, text: str, budget: int) -> list[bool]:
     """Feed the processor as `generate` does, one generated token at a time; True where it forced."""
     close = tokenizer("</think>", add_special_tokens=False)["input_ids"]
     hidden = set(tokenizer.all_special_ids)
-    prompt = tokenizer("<|im_start|>assistant\n")["input_ids"]
     generated = tokenizer(text, add_special_tokens=False)["input_ids"]
-    processor = ThinkingBudget(budget, len(prompt), close, IncrementalDecoder(tokenizer, hidden))
-    scores = torch.zeros(1, len(tokenizer))
-    return [not torch.equal(processor(torch.tensor([prompt + generated[:n]]), scores), scores)
-            for n in range(len(generated) + 1)]
+    processor = ThinkingBudget(budget, close, IncrementalDecoder(tokenizer, hidden))
+    return [processor.forced(generated[:n]) is not None for n in range(len(generated) + 1)]
 
 
 def test_real_vocabulary_splits_the_tags(qwen):
@@ -232,15 +229,13 @@ def test_budget_sees_the_models_own_close_in_real_tokens(qwen, text):
 def test_budget_forces_the_close_when_the_reasoning_runs_on(qwen):
     close = qwen("</think>", add_special_tokens=False)["input_ids"]
     hidden = set(qwen.all_special_ids)
-    processor = ThinkingBudget(3, 0, close, IncrementalDecoder(qwen, hidden))
+    processor = ThinkingBudget(3, close, IncrementalDecoder(qwen, hidden))
     sequence = qwen("<think>\nfirst, second, third", add_special_tokens=False)["input_ids"]
-    scores = torch.zeros(1, len(qwen))
     for expected in close:  # one token of </think> per step
-        out = processor(torch.tensor([sequence]), scores)
-        assert out.argmax().item() == expected and torch.isinf(out).sum() == len(qwen) - 1
+        assert processor.forced(sequence) == expected
         sequence.append(expected)
     sequence += qwen("\n<answer>3", add_special_tokens=False)["input_ids"]
-    assert torch.equal(processor(torch.tensor([sequence]), scores), scores)
+    assert processor.forced(sequence) is None
 
 
 # -- 7. bench on a GPU host ------------------------------------------------------------------------

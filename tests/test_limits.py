@@ -196,7 +196,7 @@ def test_files_are_counted_across_zips_and_loose_uploads(tmp_path):
 import time  # noqa: E402
 
 from metis.budget import RequestLimits, count_tokens  # noqa: E402
-from metis.generation import GenerationSettings  # noqa: E402
+from metis.serving.interface import GenerationSettings  # noqa: E402
 from metis.prompting import Message, PromptError  # noqa: E402
 from metis.streaming import Done, Notice  # noqa: E402
 from metis.ui.events import ChatTurn  # noqa: E402

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, LogitsProcessor
 
 from metis.__main__ import main
-from metis.generation import GenerationSettings
+from metis.serving.interface import GenerationSettings
 from metis.prompting import Message
 from metis.qwen_vocab import REGULAR_TOKENS, SPECIAL_IDS
 from metis.rehearsal import PUBLISHED_CONFIG, TEXT_SIZE, VISION_SIZE
@@ -234,7 +234,7 @@ def test_cli_loads_the_sharded_checkpoint_and_chats_in_every_mode(rehearsal, reh
     query = ["--model", str(rehearsal_checkpoint), "--prompt", "How many shapes?", "--image", str(image)]
     assert main(["route", *query]) == 0  # a real load of the folder
     assert json.loads(capsys.readouterr().out)["mode"] == "auto"
-    monkeypatch.setattr("metis.generation.Engine.load", classmethod(lambda cls, *a, **k: rehearsal))
+    monkeypatch.setattr("metis.serving.engine.Engine.load", classmethod(lambda cls, *a, **k: rehearsal))
     for mode in MODES:
         assert main(["route", *query, "--mode", mode]) == 0
         assert json.loads(capsys.readouterr().out)["mode"] == mode

@@ -16,7 +16,7 @@ from gradio_client import Client, handle_file
 
 from deploy.transformers_serve import stock_servers
 from metis.export import export_experts
-from metis.generation import Engine, GenerationSettings
+from metis.serving.engine import Engine, GenerationSettings
 from metis.prompting import Message
 from metis.serving.remote import ClientPolicy, RemoteEngine
 from metis.streaming import AnswerDelta, Done, Failed, ReasoningDelta, Routed

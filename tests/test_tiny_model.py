@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from metis.generation import Engine, GenerationSettings
+from metis.serving.engine import Engine, GenerationSettings
 from metis.loading import EMBEDDED
 from metis.prompting import Message
 from metis.tiny import corpus, world

@@ -66,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from ..generation import Engine
+    from ..serving.engine import Engine
     from .export import save_model
 
     state = PartialState()

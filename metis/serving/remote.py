@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 import openai
 
 from ..export import load_router
-from ..generation import Engine, GenerationSettings
+from .engine import Engine
+from .interface import Answer, GenerationSettings, collect
 from ..prompting import Message, strip_reasoning
 from ..routing import RoutingTrace
 from ..streaming import (
@@ -157,7 +158,8 @@ class RemoteEngine:
         else:
             yield Done(answer.stats())
 
-    run = Engine.run  # the same folding of events into an `Answer`
+    def run(self, messages: list[Message], settings: GenerationSettings | None = None, **kwargs) -> Answer:
+        return collect(self.stream(messages, settings, **kwargs))
 
     # -- helpers ----------------------------------------------------------------------------------
     def _request(self, name: str, messages: list[Message], settings: GenerationSettings) -> dict:

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..calibration import expected_calibration_error
-from ..generation import Engine, GenerationSettings
+from ..serving.engine import Engine, GenerationSettings
 from ..prompting import Message
 from . import corpus, world
 from .data import picture

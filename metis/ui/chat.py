@@ -207,4 +207,4 @@ def build(runner: Runner, session: gr.State, router: gr.State, threshold: float)
     gr.on([], chat, [message, *controls, router], api_chat, api_name="chat", concurrency_id="model",
           preprocess=False)
     gr.on([], route, [message, controls[0], controls[1], router], gr.JSON(visible=False, label="trace"),
-          api_name="route", concurrency_id="model", preprocess=False)
+          api_name="route", concurrency_id="route", preprocess=False)  # one prefill, between decode steps

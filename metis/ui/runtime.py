@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 from ..finetune.data import Example
 from ..finetune.features import Features, feature_steps
-from ..generation import GenerationSettings
+from ..serving.interface import GenerationSettings
 from ..loading import zero_gpu
 from ..prompting import Message
 from ..routing import RoutingTrace

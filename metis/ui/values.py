@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from ..generation import GenerationSettings
+from ..serving.interface import GenerationSettings
 from ..routing import MODES
 
 PUBLIC_MODES = ("auto", "think", "direct")  # `token` (per-token routing) works but is not advertised

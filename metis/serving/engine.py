@@ -1,0 +1,223 @@
+"""The local engine: messages + settings -> routed, streamed answer events, many users on one model.
+
+request -> prompt (prompting.py) -> waits for a batch (scheduler.py) -> one prefill that routes
+every row (modeling.py) -> decode, rows together (batch.py) -> token ids -> text -> parser ->
+events (streaming.py). All per-request state lives in the call and its `Row`; the model's own
+state (Qwen2.5-VL's rope offsets, the loaded gates) is only touched by whoever holds the slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+
+import torch
+from transformers import StopStringCriteria
+
+from ..budget import RequestLimits, fit, prompt_limit
+from ..explain import explain
+from ..prompting import Message, PromptBuilder, left_pad
+from ..routing import RoutingTrace
+from ..streaming import (
+    ANSWER_CLOSE,
+    THINK_CLOSE,
+    Done,
+    Event,
+    Failed,
+    GenerationStats,
+    IncrementalDecoder,
+    Notice,
+    OutputParser,
+    Progress,
+    Routed,
+)
+from .batch import Prefilled, Row, RowBudgets, RowEnd, RowStops, RowStreamer, ThinkingBudget
+from .interface import Answer, GenerationSettings, collect
+from .scheduler import BatchLimits, ModelSlot, Scheduler
+
+
+class Engine:
+    def __init__(self, model, tokenizer, image_processor, prompt_config=None, info=None,
+                 batch: BatchLimits | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self.prompts = PromptBuilder(
+            tokenizer, image_processor, prompt_config, system_prompt=model.config.system_prompt
+        )
+        # control tokens never reach the text; the tags stay (single special tokens in small vocabularies)
+        tags = {"<think>", "</think>", "<answer>", "</answer>"}
+        self.hidden_ids = {i for t, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids) if t not in tags}
+        # the chat turn's end and whatever else the checkpoint ends on (Qwen: also <|endoftext|>)
+        configured = model.generation_config.eos_token_id
+        configured = configured if isinstance(configured, list) else [configured] if configured is not None else []
+        self.eos_ids = sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), *configured})
+        # Nothing after </answer> is shown, so generating on would only keep Stop waiting. Where the
+        # tag is one token it stops like an end of sequence (a set lookup per step); where it spans
+        # several (Qwen2.5's vocabulary) transformers' stop-string matcher finds it, built once here.
+        answer_close = tokenizer(ANSWER_CLOSE, add_special_tokens=False)["input_ids"]
+        self.stop_ids = answer_close if len(answer_close) == 1 else []
+        self.stop_strings = None if self.stop_ids else StopStringCriteria(tokenizer, [ANSWER_CLOSE])
+        self.close_ids = tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]
+        self.limits = RequestLimits.from_env()  # prompt tokens and seconds per request (metis/budget.py)
+        self.batch = batch or BatchLimits.from_env()
+        self.slot = ModelSlot()
+        self.scheduler = Scheduler(self._generate, self.batch)
+        self._shipped = {k: v.clone() for k, v in model.router_state_dict().items()}
+        self._gates_of = None  # the session router whose gates are loaded; None: the shipped ones
+
+    @classmethod
+    def load(cls, spec: str | None = None, batch: BatchLimits | None = None, **kwargs) -> "Engine":
+        from ..loading import load
+
+        return cls(*load(spec, **kwargs), batch=batch)
+
+    # -- routing only -------------------------------------------------------------------------
+    def route(self, messages: list[Message], mode: str = "auto", threshold: float | None = None,
+              router: dict | None = None) -> RoutingTrace:
+        """The routing decision of a query: one prefill pass, no token generated. It runs in the
+        caller's thread, between two decode steps of a running batch if there is one."""
+        settings = GenerationSettings(mode=mode, threshold=threshold)
+        messages, _ = self._within_limits(messages)
+        inputs = self._inputs(messages)
+        routing = self._routing(inputs, [settings])
+        language = self.model.model
+        with self.slot.hold(), self._gates(router), torch.inference_mode():
+            offsets = language.rope_deltas  # a paused batch's; this prefill would overwrite them
+            try:
+                self.model(**inputs, routing=routing, use_cache=False, logits_to_keep=1)
+            finally:
+                language.rope_deltas = offsets
+        return self._explained(Prefilled(routing, 0, inputs["input_ids"]), inputs)
+
+    # -- streaming ------------------------------------------------------------------------------
+    def stream(self, messages: list[Message], settings: GenerationSettings | None = None,
+               cancel: threading.Event | None = None, router: dict | None = None) -> Iterator[Event]:
+        """Events of one answer. Setting `cancel` (or closing the iterator) ends this answer at
+        the next decode step; the other answers in its batch go on unchanged.
+
+        `router` (router weights from fine-tuning) applies to this call only, so a session can
+        chat with its own router while others keep the shipped one.
+        """
+        settings = settings or GenerationSettings()
+        start = time.perf_counter()
+        messages, note = self._within_limits(messages)
+        if note:
+            yield Notice(note)
+        row = Row(self.prompts.build(messages), settings, cancel or threading.Event(), router)
+        self.scheduler.submit(row)
+        decoder = IncrementalDecoder(self.tokenizer, self.hidden_ids)
+        parser = OutputParser()
+        tokens = thinking = 0
+        ttft = None
+        try:
+            while not isinstance(item := row.out.get(), RowEnd):
+                if isinstance(item, Prefilled):
+                    ttft = time.perf_counter() - start
+                    yield Routed(self._explained(item, row.inputs))
+                    continue
+                for token in item:
+                    tokens += 1
+                    # one Progress per token that shows nothing: the events follow from the
+                    # tokens alone, never from how the handoff happened to batch them
+                    if not (events := parser.feed(decoder.push(token))):
+                        events = [Progress(tokens)]
+                    yield from events
+                    thinking += parser.in_reasoning
+            yield from parser.finish()
+        finally:
+            row.cancel.set()  # a consumer that stops early (closed browser tab) frees its row
+        total = time.perf_counter() - start
+        stats = GenerationStats(ttft or total, total, tokens, thinking, item.reason)
+        if item.error is not None:
+            yield Failed(f"Generation failed: {type(item.error).__name__}: {item.error}", stats)
+        else:
+            yield Done(stats)
+
+    def run(self, messages: list[Message], settings: GenerationSettings | None = None, **kwargs) -> Answer:
+        return collect(self.stream(messages, settings, **kwargs))
+
+    # -- one batch --------------------------------------------------------------------------------
+    def _generate(self, rows: list[Row]) -> None:
+        """One `generate` call for `rows` (the scheduler's worker thread)."""
+        first = rows[0].settings
+        inputs = {k: v.to(self.model.device) for k, v in left_pad([r.inputs for r in rows], self.tokenizer.pad_token_id).items()}
+        prompt_len = inputs["input_ids"].shape[1]
+        routing = self._routing(inputs, [r.settings for r in rows])
+        streamer = RowStreamer(rows, lambda: [r.out.put(Prefilled(routing, i, inputs["input_ids"])) for i, r in enumerate(rows)])
+        budgets = [ThinkingBudget(r.settings.thinking_budget, self.close_ids, IncrementalDecoder(self.tokenizer, self.hidden_ids))
+                   if r.settings.thinking_budget is not None else None for r in rows]
+        sampling = (dict(do_sample=True, temperature=first.temperature, top_p=first.top_p)
+                    if first.temperature > 0 else dict(do_sample=False))
+        try:
+            with self.slot.hold(), self._gates(rows[0].router), torch.inference_mode():
+                stops = RowStops(rows, streamer, prompt_len, eos_ids=self.eos_ids, close_ids=self.stop_ids,
+                                 stop_strings=self.stop_strings, deadline=time.perf_counter() + self.limits.max_seconds,
+                                 between_steps=self.slot.pause)
+                if first.seed is not None:
+                    torch.manual_seed(first.seed)
+                self.model.generate(
+                    **inputs,
+                    routing=routing,
+                    streamer=streamer,
+                    max_new_tokens=max(r.settings.max_new_tokens for r in rows),
+                    logits_processor=[RowBudgets(budgets, prompt_len)] if any(budgets) else None,
+                    stopping_criteria=[stops],
+                    eos_token_id=self.eos_ids + self.stop_ids,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    use_cache=True,
+                    top_k=None,
+                    **sampling,
+                )
+        except BaseException as exc:  # every row of the batch reports it as a Failed event
+            streamer.end()
+            for i in range(len(rows)):
+                streamer.finish(i, "error", exc)
+            return
+        streamer.end()
+        for i, end in enumerate(streamer.ends):  # a row still open reached the batch's token limit
+            streamer.finish(i, end[1] if end else "max_new_tokens")
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _routing(self, inputs: dict, settings: list[GenerationSettings]):
+        """One routing for a batch: the router pools over each row's own prompt (padding
+        excluded), and each row keeps its mode and threshold."""
+        default = self.model.config.routing_threshold
+        rows = tuple((s.mode, default if s.threshold is None else s.threshold) for s in settings)
+        token = settings[0].mode == "token"  # the scheduler never mixes token mode with the others
+        return self.model.new_routing("token" if token else "auto", rows[0][1],
+                                      prompt_mask=inputs["attention_mask"].bool(), rows=None if token else rows)
+
+    def _explained(self, prefilled: Prefilled, inputs: dict) -> RoutingTrace:
+        routing, sample = prefilled.routing, prefilled.sample
+        return explain(routing.trace(sample), routing, prefilled.input_ids, self.tokenizer,
+                       image_token_id=self.model.config.image_token_id,
+                       image_grid_thw=inputs.get("image_grid_thw"), merge=self.prompts.merge, sample=sample)
+
+    def _within_limits(self, messages: list[Message]):
+        """The messages within this server's prompt budget (metis/budget.py), and a note if trimmed."""
+        context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        limit = prompt_limit(self.limits, context)
+        return fit(self.prompts, messages, limit, self.limits.overflow)
+
+    def _inputs(self, messages: list[Message]) -> dict:
+        return {k: v.to(self.model.device) for k, v in self.prompts.build(messages).items()}
+
+    @contextlib.contextmanager
+    def _gates(self, router: dict | None):
+        """Inside, the model routes with `router`'s gates (None: the shipped ones). Callers hold
+        the slot; a routing call paused into a batch puts the batch's gates back when done."""
+        previous = self._gates_of
+        if router is not previous:
+            self._load_gates(router)
+        try:
+            yield
+        finally:
+            if router is not previous:
+                self._load_gates(previous)
+
+    def _load_gates(self, router: dict | None) -> None:
+        self.model.load_state_dict(self._shipped if router is None else router, strict=False)
+        self._gates_of = router

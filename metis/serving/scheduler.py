@@ -1,0 +1,136 @@
+"""Who uses the one model when: batches of waiting requests, and routing calls between their steps.
+
+Requests wait in arrival order. When the model is free, the oldest waiting request starts a batch
+and takes with it the later ones that can share its `generate` call (`Row.key`), up to
+`max_batch` rows and `max_batch_tokens` padded prompt tokens (rows x longest prompt), so that one
+long conversation is never padded into everyone's prefill. A request that arrives while a batch
+runs joins the next batch: joining a running batch would need its KV cache and Qwen2.5-VL's
+per-row rope offsets merged mid-generation, which transformers' `generate` does not offer (its
+continuous batching takes text token lists only, without images or our routing).
+
+Routing-only calls (`/route`, fine-tuning features: one prefill each) do not wait for a batch to
+finish: the batch hands the model over between two decode steps (`ModelSlot.pause`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .batch import Row, RowEnd
+
+
+class ModelSlot:
+    """Exclusive use of the model. The holder of a long job calls `pause()` at safe points (between
+    decode steps) to let every waiting caller take a turn first."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._busy = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def hold(self):
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._busy)
+            self._waiting -= 1
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def pause(self) -> None:
+        """Called by the holder: return once everyone who was waiting has had the model."""
+        with self._cond:
+            if not self._waiting:
+                return
+            self._busy = False
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: not self._waiting and not self._busy)
+            self._busy = True
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """How big a batch may grow; 1 row means one request at a time."""
+
+    max_batch: int = 16
+    max_batch_tokens: int = 16384  # rows x longest prompt of a batch
+
+    def __post_init__(self):
+        if self.max_batch < 1 or self.max_batch_tokens < 1:
+            raise ValueError(f"batch limits must be positive, got {self.max_batch} rows, {self.max_batch_tokens} tokens")
+
+    @classmethod
+    def from_env(cls) -> "BatchLimits":
+        """METIS_MAX_BATCH and METIS_MAX_BATCH_TOKENS (server settings; `--max-batch` sets the first)."""
+        env = os.environ.get
+        return cls(int(env("METIS_MAX_BATCH", cls.max_batch)), int(env("METIS_MAX_BATCH_TOKENS", cls.max_batch_tokens)))
+
+
+class Scheduler:
+    """Forms batches from waiting rows and runs them one after another with `run_batch`.
+
+    The worker thread exists only while there is work, so an idle engine holds no thread."""
+
+    def __init__(self, run_batch: Callable[[list[Row]], None], limits: BatchLimits):
+        self.run_batch, self.limits = run_batch, limits
+        self._waiting: deque[Row] = deque()
+        self._cond = threading.Condition()
+        self._working = False
+        self.batch_sizes: list[int] = []  # every batch run so far, for tests and benchmarks
+
+    def submit(self, row: Row) -> None:
+        with self._cond:
+            self._waiting.append(row)
+            if not self._working:
+                self._working = True
+                threading.Thread(target=self._work, name="metis-batch", daemon=True).start()
+
+    def idle(self, timeout: float | None = None) -> bool:
+        """Wait until no request is waiting or running; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._working, timeout)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                if not self._waiting:
+                    self._working = False
+                    self._cond.notify_all()
+                    return
+                batch = self._take()
+            if not batch:
+                continue
+            self.batch_sizes.append(len(batch))
+            try:
+                self.run_batch(batch)
+            except BaseException as exc:  # never lose a consumer: every row gets its end
+                for row in batch:
+                    row.out.put(RowEnd("error", exc))
+
+    def _take(self) -> list[Row]:
+        for row in [r for r in self._waiting if r.cancel.is_set()]:  # stopped before it started
+            self._waiting.remove(row)
+            row.out.put(RowEnd("cancelled"))
+        if not self._waiting:
+            return []
+        first = self._waiting.popleft()
+        batch, longest = [first], first.prompt_tokens
+        for row in list(self._waiting):
+            if len(batch) == self.limits.max_batch:
+                break
+            wider = max(longest, row.prompt_tokens)
+            if row.key() == first.key() and (len(batch) + 1) * wider <= self.limits.max_batch_tokens:
+                batch.append(row)
+                longest = wider
+                self._waiting.remove(row)
+        return batch
