@@ -64,7 +64,7 @@ class Engine:
         self.limits = RequestLimits.from_env()  # prompt tokens and seconds per request (metis/budget.py)
         self.batch = batch or BatchLimits.from_env()
         self.slot = ModelSlot()
-        self.scheduler = Scheduler(self._generate, self.batch)
+        self.scheduler = Scheduler(self._generate, self.batch, self.slot)
         self._shipped = {k: v.clone() for k, v in model.router_state_dict().items()}
         self._gates_of = None  # the session router whose gates are loaded; None: the shipped ones
 
@@ -141,7 +141,7 @@ class Engine:
 
     # -- one batch --------------------------------------------------------------------------------
     def _generate(self, rows: list[Row]) -> None:
-        """One `generate` call for `rows` (the scheduler's worker thread)."""
+        """One `generate` call for `rows` (the scheduler's worker thread, holding the slot)."""
         first = rows[0].settings
         inputs = {k: v.to(self.model.device) for k, v in left_pad([r.inputs for r in rows], self.tokenizer.pad_token_id).items()}
         prompt_len = inputs["input_ids"].shape[1]
@@ -152,7 +152,7 @@ class Engine:
         sampling = (dict(do_sample=True, temperature=first.temperature, top_p=first.top_p)
                     if first.temperature > 0 else dict(do_sample=False))
         try:
-            with self.slot.hold(), self._gates(rows[0].router), torch.inference_mode():
+            with self._gates(rows[0].router), torch.inference_mode():
                 stops = RowStops(rows, streamer, prompt_len, eos_ids=self.eos_ids, close_ids=self.stop_ids,
                                  stop_strings=self.stop_strings, deadline=time.perf_counter() + self.limits.max_seconds,
                                  between_steps=self.slot.pause)

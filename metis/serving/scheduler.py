@@ -77,12 +77,13 @@ class BatchLimits:
 
 
 class Scheduler:
-    """Forms batches from waiting rows and runs them one after another with `run_batch`.
+    """Forms batches from waiting rows and runs them one after another with `run_batch`, holding
+    `slot`. A batch is formed when the slot is free, so everyone who arrived meanwhile joins it.
 
     The worker thread exists only while there is work, so an idle engine holds no thread."""
 
-    def __init__(self, run_batch: Callable[[list[Row]], None], limits: BatchLimits):
-        self.run_batch, self.limits = run_batch, limits
+    def __init__(self, run_batch: Callable[[list[Row]], None], limits: BatchLimits, slot: ModelSlot):
+        self.run_batch, self.limits, self.slot = run_batch, limits, slot
         self._waiting: deque[Row] = deque()
         self._cond = threading.Condition()
         self._working = False
@@ -95,6 +96,10 @@ class Scheduler:
                 self._working = True
                 threading.Thread(target=self._work, name="metis-batch", daemon=True).start()
 
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
     def idle(self, timeout: float | None = None) -> bool:
         """Wait until no request is waiting or running; False on timeout."""
         with self._cond:
@@ -102,20 +107,21 @@ class Scheduler:
 
     def _work(self) -> None:
         while True:
-            with self._cond:
-                if not self._waiting:
-                    self._working = False
-                    self._cond.notify_all()
-                    return
-                batch = self._take()
-            if not batch:
-                continue
-            self.batch_sizes.append(len(batch))
-            try:
-                self.run_batch(batch)
-            except BaseException as exc:  # never lose a consumer: every row gets its end
-                for row in batch:
-                    row.out.put(RowEnd("error", exc))
+            with self.slot.hold():
+                with self._cond:
+                    if not self._waiting:
+                        self._working = False
+                        self._cond.notify_all()
+                        return
+                    batch = self._take()
+                if not batch:
+                    continue
+                self.batch_sizes.append(len(batch))
+                try:
+                    self.run_batch(batch)
+                except BaseException as exc:  # never lose a consumer: every row gets its end
+                    for row in batch:
+                        row.out.put(RowEnd("error", exc))
 
     def _take(self) -> list[Row]:
         for row in [r for r in self._waiting if r.cancel.is_set()]:  # stopped before it started

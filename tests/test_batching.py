@@ -1,0 +1,255 @@
+"""Batched serving: several users in one `generate` call, each with the answer they get alone.
+
+Batches are made deterministic by holding the model slot while requests queue up: the scheduler
+forms its batch from everyone waiting when the slot comes free.
+"""
+
+import threading
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from metis.prompting import Message, left_pad
+from metis.serving.batch import Row
+from metis.serving.engine import Engine, GenerationSettings
+from metis.serving.interface import collect
+from metis.serving.scheduler import BatchLimits, ModelSlot, Scheduler
+from metis.streaming import Done, Routed
+from metis.tiny import world
+
+MIXED = [  # different prompt lengths, images of different sizes or none, every mode
+    ("auto", "How many circles are there?", (112, 112)),
+    ("think", "How many shapes are there in all, counting the circles and the squares twice over?", None),
+    ("direct", "What colour is the square?", (224, 112)),
+    ("think", "Count them.", (56, 84)),
+    ("direct", "Is there a triangle in the picture here, or not?", None),
+    ("auto", "Which shape is the biggest one?", (168, 168)),
+]
+
+
+def _messages(text, size):
+    return [Message("user", text, [Image.new("RGB", size, (200, 40, 40))] if size else [])]
+
+
+def _wait_for(condition, timeout=60.0):
+    """Wait for a state of the engine (never asserts on how long it took)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "the engine never reached the expected state"
+        time.sleep(0.005)
+
+
+def _together(engine, requests):
+    """Run every (messages, settings, kwargs) as one batch, in this row order: the slot is held
+    until all are queued, one after another."""
+    results = [None] * len(requests)
+
+    def consume(i, messages, settings, kwargs):
+        results[i] = list(engine.stream(messages, settings, **kwargs))
+
+    threads = [threading.Thread(target=consume, args=(i, *r)) for i, r in enumerate(requests)]
+    before = len(engine.scheduler.batch_sizes)
+    with engine.slot.hold():
+        for queued, t in enumerate(threads, 1):
+            t.start()
+            _wait_for(lambda: engine.scheduler.waiting() == queued)
+    for t in threads:
+        t.join()
+    return results, engine.scheduler.batch_sizes[before:]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return Engine.load(None)
+
+
+@pytest.mark.parametrize("which", ["random", "shipped"])
+def test_mixed_batch_gives_every_row_its_serial_answer(engine, shipped, which):
+    engine = {"random": engine, "shipped": shipped}[which]
+    requests = [(_messages(text, size), GenerationSettings(mode=mode, max_new_tokens=24 + 4 * i), {})
+                for i, (mode, text, size) in enumerate(MIXED)]
+    serial = [list(engine.stream(m, s)) for m, s, _ in requests]
+    batched, sizes = _together(engine, requests)
+    assert sizes == [len(MIXED)]
+    for alone, together in zip(serial, batched):
+        a, b = collect(alone), collect(together)
+        assert (b.reasoning, b.answer) == (a.reasoning, a.answer)
+        assert b.trace.decision == a.trace.decision and b.trace.p_think == pytest.approx(a.trace.p_think, abs=1e-5)
+        assert [c["token"] for c in b.trace.contributions] == [c["token"] for c in a.trace.contributions]
+        assert (b.stats.tokens, b.stats.stop_reason) == (a.stats.tokens, a.stats.stop_reason)
+    decisions = {collect(r).trace.decision for r in batched}
+    assert decisions == {"think", "direct"}
+
+
+def test_forward_hooks_see_each_row_on_its_own_expert(engine):
+    block = engine.model.moe_blocks()[0]
+    think = engine.model.config.thinking_expert
+    seen = {0: [], 1: []}
+    inputs = []
+    hooks = [block.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().clone()))]
+    hooks += [expert.register_forward_pre_hook(lambda m, args, e=e: seen[e].append(args[0].detach().clone()))
+              for e, expert in enumerate(block.experts)]
+    modes = ["think", "direct", "think", "direct"]
+    requests = [(_messages(MIXED[i][1], MIXED[i][2]), GenerationSettings(mode=m, max_new_tokens=6), {})
+                for i, m in enumerate(modes)]
+    try:
+        _, sizes = _together(engine, requests)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sizes == [4]
+    rows = {think: [0, 2], 1 - think: [1, 3]}
+    for step, x in enumerate(inputs):  # the prefill, then one call per decoding step
+        for expert, chosen in rows.items():
+            assert torch.equal(seen[expert][step], x[chosen]), f"step {step}: expert {expert} got other rows"
+
+
+class CancelAtStep(threading.Event):
+    """Cancelled at its n-th check: once when the batch is formed, then once per decoding step."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.checks = n, 0
+
+    def is_set(self):
+        self.checks += 1
+        return self.checks >= self.n or super().is_set()
+
+
+def test_cancelling_one_row_leaves_the_others_unchanged(engine):
+    requests = [(_messages(text, size), GenerationSettings(mode=mode, max_new_tokens=20), {})
+                for mode, text, size in MIXED[:4]]
+    serial = [collect(engine.stream(m, s)) for m, s, _ in requests]
+    requests[1] = (*requests[1][:2], {"cancel": CancelAtStep(4)})
+    batched, sizes = _together(engine, requests)
+    assert sizes == [4]
+    stopped = batched[1][-1].stats
+    assert stopped.stop_reason == "cancelled" and stopped.tokens == 3
+    for i in (0, 2, 3):
+        assert (collect(batched[i]).answer, collect(batched[i]).reasoning) == (serial[i].answer, serial[i].reasoning)
+
+
+def test_per_row_limits_and_thinking_budget(shipped):
+    sample = world.generate("test", 1, family="reasoning")[0]
+    question = [Message("user", sample.question, [sample.image])]
+    settings = [GenerationSettings(mode="think", max_new_tokens=5), GenerationSettings(mode="think", thinking_budget=3),
+                GenerationSettings(mode="think", max_new_tokens=64)]
+    serial = [collect(shipped.stream(question, s)) for s in settings]
+    batched, sizes = _together(shipped, [(question, s, {}) for s in settings])
+    assert sizes == [3]
+    got = [collect(b) for b in batched]
+    assert got[0].stats.tokens == 5 and got[0].stats.stop_reason == "max_new_tokens"
+    assert got[1].stats.thinking_tokens <= 3
+    for a, b in zip(serial, got):
+        assert (a.reasoning, a.answer, a.stats.tokens) == (b.reasoning, b.answer, b.stats.tokens)
+
+
+def test_requests_that_cannot_share_a_call_get_separate_batches(engine):
+    question = _messages("How many circles?", None)
+    requests = [(question, GenerationSettings(max_new_tokens=3), {}),
+                (question, GenerationSettings(max_new_tokens=3, temperature=0.7, seed=1), {}),
+                (question, GenerationSettings(max_new_tokens=3), {}),
+                (question, GenerationSettings(max_new_tokens=3, temperature=0.7, seed=1), {}),
+                (question, GenerationSettings(max_new_tokens=3, mode="token"), {})]
+    results, sizes = _together(engine, requests)
+    assert sorted(sizes) == [1, 1, 1, 2]  # the greedy pair; each seeded request alone; token mode alone
+    assert all(isinstance(r[-1], Done) for r in results)
+    assert collect(results[1]).answer == collect(results[3]).answer  # a seed reproduces its answer
+
+
+def test_batch_limits_bound_rows_and_padded_tokens():
+    slot = ModelSlot()
+    ran = []
+    scheduler = Scheduler(lambda rows: ran.append([r.prompt_tokens for r in rows]), BatchLimits(3, 100), slot)
+
+    def row(n):
+        return Row({"input_ids": torch.zeros(1, n, dtype=torch.long)}, GenerationSettings())
+
+    with slot.hold():
+        for n in (10, 20, 10, 10, 60, 10):
+            scheduler.submit(row(n))
+    assert scheduler.idle(timeout=30)
+    # 3 rows at most; rows x longest prompt <= 100, so the 60-token prompt waits for a batch of one
+    assert ran == [[10, 20, 10], [10, 10], [60]]
+
+
+def test_routing_runs_between_the_steps_of_a_running_batch(engine):
+    """A routing call returns while a (practically endless) answer is still being decoded, and
+    the answer's own tokens do not change because of it."""
+    cancel = threading.Event()
+    first_token = threading.Event()
+    events = []
+
+    def long_answer():
+        for event in engine.stream(_messages("Count the circles.", (112, 112)),
+                                   GenerationSettings(mode="think", max_new_tokens=16384), cancel=cancel):
+            events.append(event)
+            if not isinstance(event, Routed):
+                first_token.set()
+
+    from bench.common import fixed_length
+
+    with fixed_length(engine.model, 16384):
+        worker = threading.Thread(target=long_answer)
+        worker.start()
+        assert first_token.wait(60)
+        traces = [engine.route(_messages(text, size)) for _, text, size in MIXED]
+        still_running = worker.is_alive()
+        cancel.set()
+        worker.join()
+    assert still_running and events[-1].stats.stop_reason == "cancelled"
+    assert traces == [engine.route(_messages(text, size)) for _, text, size in MIXED]
+
+
+def test_a_batch_with_routing_calls_in_between_matches_serial(engine):
+    requests = [(_messages(text, size), GenerationSettings(mode=mode, max_new_tokens=40), {})
+                for mode, text, size in MIXED[:3]]
+    serial = [collect(engine.stream(m, s)) for m, s, _ in requests]
+    done = threading.Event()
+
+    def keep_routing():
+        while not done.is_set():
+            engine.route(_messages("What colour is the circle?", (224, 224)), router=None)
+
+    router = threading.Thread(target=keep_routing)
+    router.start()
+    try:
+        batched, _ = _together(engine, requests)
+    finally:
+        done.set()
+        router.join()
+    for a, b in zip(serial, batched):
+        assert (collect(b).reasoning, collect(b).answer) == (a.reasoning, a.answer)
+
+
+def test_left_pad_keeps_each_prompt_at_the_right_edge(engine):
+    prompts = [engine.prompts.build(_messages(text, size)) for _, text, size in MIXED[:3]]
+    batch = left_pad(prompts, pad_id=engine.tokenizer.pad_token_id)
+    width = batch["input_ids"].shape[1]
+    for row, p in enumerate(prompts):
+        n = p["input_ids"].shape[1]
+        assert torch.equal(batch["input_ids"][row, width - n:], p["input_ids"][0])
+        assert batch["attention_mask"][row].sum() == n
+    assert batch["image_grid_thw"].shape[0] == 2  # rows 0 and 2 have an image, in row order
+
+
+def test_failed_batch_reports_to_every_row(engine, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(engine.model, "generate", broken)
+    question = _messages("How many circles?", None)
+    results, sizes = _together(engine, [(question, GenerationSettings(max_new_tokens=3), {})] * 3)
+    assert sizes == [3] and all("injected fault" in r[-1].message for r in results)
+    monkeypatch.undo()
+    assert isinstance(list(engine.stream(question, GenerationSettings(max_new_tokens=3)))[-1], Done)
+
+
+def test_max_batch_one_answers_one_at_a_time(tiny_checkpoint):
+    single = Engine.load(str(tiny_checkpoint), batch=BatchLimits(max_batch=1))
+    question = _messages("How many circles?", None)
+    results, sizes = _together(single, [(question, GenerationSettings(max_new_tokens=3), {})] * 3)
+    assert sizes == [1, 1, 1] and all(isinstance(r[-1], Done) for r in results)
+
