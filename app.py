@@ -25,7 +25,6 @@ from metis.ui import CSS, THEME, build_demo
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
 log = logging.getLogger("metis.app")
-REMOTE_CONCURRENCY = 32  # answers streamed at once from the remote pools (each waits on HTTP only)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,9 +69,9 @@ logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 args = parse_args()
 engine = load_engine(args)
 demo = build_demo(engine)
-# as many answers in flight as one batch holds (the engine decodes them together; later ones see
-# their place in Gradio's queue); remote pools batch their own
-demo.queue(default_concurrency_limit=REMOTE_CONCURRENCY if uses_remote(args) else max(args.max_batch, 1))
+# as many answers in flight as the backend serves at once (the local engine: one batch); later
+# ones see their place in Gradio's queue
+demo.queue(default_concurrency_limit=getattr(engine, "concurrency", 1))
 
 if __name__ == "__main__":
     demo.launch(server_name=args.host, server_port=args.port, max_file_size="10mb",

@@ -18,7 +18,7 @@ import transformers
 
 from metis.serving.engine import Engine
 
-from . import gpu, hybrid, memory, remote, routing, scaling, server, streaming
+from . import batching, gpu, hybrid, memory, remote, routing, scaling, server, streaming
 from .common import checkpoint, cpu_only_children
 
 
@@ -47,6 +47,8 @@ def measure(spec: str | None, quick: bool, save=lambda results: None) -> dict:
     details = results["details"]
     details["streaming"] = stream = streaming.run(engine, quick)
     results["streaming_ratio"] = stream["ratio"]
+    save(results)
+    results["batching"] = batching.run(engine, quick)
     save(results)
     details["routing"] = route = routing.run(engine, quick)
     results |= dict(prefill_ratio=route["prefill_ratio"], decode_ratio=route["decode_ratio"],
@@ -83,7 +85,9 @@ def _gpu_summary(g: dict | str) -> str:
         f"{name} {v['tokens_per_s']:.1f} tok/s ({v['of_bandwidth_bound']:.0%} of bound)" if "error" not in v
         else f"{name} failed" for name, v in g["decode_batch1"].items()
     )
-    return f"{decode}; TTFT 1080p ({g['image_tokens_1080p']} image tokens) {g['ttft_1080p_ms']:.0f} ms"
+    batched = " / ".join(f"{v:.0f}" if isinstance(v, float) else "failed" for v in g["decode_batched_tokens_per_s"].values())
+    return (f"{decode}; batch 1 / 8 / 32: {batched} tok/s in all; "
+            f"TTFT 1080p ({g['image_tokens_1080p']} image tokens) {g['ttft_1080p_ms']:.0f} ms")
 
 
 def _scaling_row(rows: list[dict], key: str) -> tuple[str, str, str, str]:
@@ -107,6 +111,12 @@ def table(r: dict) -> str:
          f"{d['streaming']['overhead_us_per_token']:.0f} µs/token; CPU-time ratio {d['streaming']['cpu_ratio']:.3f})",
          "≥ 0.95",
          _check(r["streaming_ratio"], 0.95, True)),
+        ("Batching: tokens/s with 1 / 4 / 8 / 16 users at once (mean batch)",
+         " / ".join(f"{v:.0f}" for v in r["batching"]["tokens_per_s"].values())
+         + f" ({' / '.join(str(v) for v in r['batching']['mean_batch'].values())}); speedup_16 "
+         f"{r['batching']['speedup_16']:.2f}, identical {str(r['batching']['identical']).lower()}",
+         "≥ 3, identical", "met" if r["batching"]["speedup_16"] >= batching.TARGET and r["batching"]["identical"]
+         else "**missed**"),
         ("Routing: prefill latency MoE auto / dense",
          f"{r['prefill_ratio']:.3f} ({d['routing']['prefill_ms']['moe_auto']:.1f} vs "
          f"{d['routing']['prefill_ms']['dense']:.1f} ms, {d['routing']['prompt_tokens']} tokens)", "≤ 1.05",

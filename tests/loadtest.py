@@ -5,6 +5,9 @@ answer is checked against the engine's own answer to the same question (greedy d
 deterministic), so a lost, mixed-up or crossed answer is caught whatever the model's quality.
 
     python -m tests.loadtest --sessions 16 --turns 3          # the full run (embedded model)
+
+The full run serves the same sessions twice, one answer at a time (`--max-batch 1`) and with the
+default batch, and reports both with their ratios.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from gradio_client import Client, handle_file
 
 from bench.common import fixed_length
 from metis.serving.engine import Engine, GenerationSettings
+from metis.serving.scheduler import BatchLimits
 from metis.prompting import Message
 from metis.tiny import world
 
@@ -135,24 +139,37 @@ def stop_frees_the_slot(url: str, engine: Engine, timeout: float = 120.0) -> dic
                 other_session_answer_ok=answer == q["expected"])
 
 
+def serve(engine: Engine, sessions: int, turns: int) -> dict:
+    """The load run and the Stop check against an app launched on `engine`, as app.py queues it."""
+    from metis.ui import build_demo
+
+    demo = build_demo(engine)
+    demo.queue(default_concurrency_limit=engine.concurrency)
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        report = run(demo.local_url, engine, sessions, turns)
+        report["stop"] = stop_frees_the_slot(demo.local_url, engine)
+        report["mean_batch"] = round(statistics.fmean(engine.scheduler.batch_sizes), 2)
+        return report
+    finally:
+        demo.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=16)
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--max-batch", type=int, default=BatchLimits.max_batch, help="the batched run's batch size")
     args = parser.parse_args()
-    from metis.ui import build_demo
-
-    engine = Engine.load(args.model)
-    demo = build_demo(engine)
-    demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    try:
-        report = run(demo.local_url, engine, args.sessions, args.turns)
-        report["stop"] = stop_frees_the_slot(demo.local_url, engine)
-        print(json.dumps(report, indent=2))
-    finally:
-        demo.close()
+    reports = {}
+    for max_batch in (1, args.max_batch):
+        engine = Engine.load(args.model, batch=BatchLimits(max_batch=max_batch))
+        reports[f"max_batch_{max_batch}"] = serve(engine, args.sessions, args.turns)
+    serial, batched = reports.values()
+    reports["wall_ratio"] = round(batched["wall_s"] / serial["wall_s"], 3)  # target <= 1/3
+    reports["p95_ratio"] = round(batched["latency_p95_s"] / serial["latency_p95_s"], 3)  # target <= 1/2
+    print(json.dumps(reports, indent=2))
 
 
 if __name__ == "__main__":

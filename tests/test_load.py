@@ -7,7 +7,7 @@ from metis.ui import build_demo
 
 def test_concurrent_sessions_get_their_own_answers(engine, stream_log):
     demo = build_demo(engine)
-    demo.queue(default_concurrency_limit=1)
+    demo.queue(default_concurrency_limit=engine.concurrency)
     demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         report = run(demo.local_url, engine, sessions=4, turns=2)

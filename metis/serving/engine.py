@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 
 import torch
-from transformers import StopStringCriteria
+from transformers import LogitsProcessorList, StoppingCriteriaList, StopStringCriteria
 
 from ..budget import RequestLimits, fit, prompt_limit
 from ..explain import explain
@@ -63,6 +63,7 @@ class Engine:
         self.close_ids = tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]
         self.limits = RequestLimits.from_env()  # prompt tokens and seconds per request (metis/budget.py)
         self.batch = batch or BatchLimits.from_env()
+        self.concurrency = self.batch.max_batch  # answers in flight: one batch; later ones queue in the app
         self.slot = ModelSlot()
         self.scheduler = Scheduler(self._generate, self.batch, self.slot)
         self._shipped = {k: v.clone() for k, v in model.router_state_dict().items()}
@@ -163,8 +164,8 @@ class Engine:
                     routing=routing,
                     streamer=streamer,
                     max_new_tokens=max(r.settings.max_new_tokens for r in rows),
-                    logits_processor=[RowBudgets(budgets, prompt_len)] if any(budgets) else None,
-                    stopping_criteria=[stops],
+                    logits_processor=LogitsProcessorList([RowBudgets(budgets, prompt_len)] if any(budgets) else []),
+                    stopping_criteria=StoppingCriteriaList([stops]),
                     eos_token_id=self.eos_ids + self.stop_ids,
                     pad_token_id=self.tokenizer.pad_token_id,
                     use_cache=True,

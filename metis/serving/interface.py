@@ -79,9 +79,11 @@ def collect(events: Iterable[Event]) -> Answer:
 
 
 class Backend(Protocol):
-    """The serving interface. `info` describes the model for the Model tab (None when unknown)."""
+    """The serving interface. `info` describes the model for the Model tab (None when unknown);
+    `concurrency` is how many answers it serves at once (the app's queue lets that many in)."""
 
     info: object
+    concurrency: int
 
     def route(self, messages: list[Message], mode: str = "auto", threshold: float | None = None,
               router: dict | None = None) -> RoutingTrace: ...

@@ -91,6 +91,8 @@ class RemoteInfo:
 class RemoteEngine:
     """Routes with the router export, then streams the answer from the chosen expert's server."""
 
+    concurrency = 32  # answers streamed at once: each waits on HTTP only, the pools batch their own
+
     def __init__(self, router: Engine, think: Endpoint, direct: Endpoint, policy: ClientPolicy | None = None,
                  router_path: str = "router"):
         self.router = router

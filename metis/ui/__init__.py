@@ -47,6 +47,7 @@ def build_demo(engine_or_error) -> gr.Blocks:
                 build_finetune_tab(engine_or_error, router, runner)
         with gr.Tab("Model"):
             # a remote backend's limits are its servers' own, so only a local engine reports them
+            local = runner.available and hasattr(engine_or_error, "limits")
             model_tab.build(info, None if runner.available else engine_or_error.error,
-                            getattr(engine_or_error, "limits", None) if runner.available else None)
+                            engine_or_error.limits if local else None, engine_or_error.batch if local else None)
     return demo

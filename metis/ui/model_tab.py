@@ -43,18 +43,23 @@ def info_markdown(info: dict | None, error: str | None = None) -> str:
     return "\n".join(["| Loaded model | |", "|---|---|", *rows])
 
 
-def limits_markdown(limits) -> str:
-    """What one request may cost here (metis/budget.py; set by METIS_* environment variables)."""
+def limits_markdown(limits, batch=None) -> str:
+    """What one request may cost here (metis/budget.py, serving/scheduler.py; set by METIS_*
+    environment variables and --max-batch)."""
     action = "refused" if limits.overflow == "refuse" else "trimmed: the oldest turns are dropped, with a note"
-    return (f"**Limits per request**: prompts of at most {limits.max_prompt_tokens:,} tokens, images included "
+    text = (f"**Limits per request**: prompts of at most {limits.max_prompt_tokens:,} tokens, images included "
             f"(or the model's context, if smaller); longer ones are {action}. No answer holds the model "
             f"longer than {limits.max_seconds:g} s.")
+    if batch is not None:
+        text += (f" Up to {batch.max_batch} answers are decoded together, in batches of at most "
+                 f"{batch.max_batch_tokens:,} padded prompt tokens.")
+    return text
 
 
-def build(info: dict | None, error: str | None, limits=None) -> None:
+def build(info: dict | None, error: str | None, limits=None, batch=None) -> None:
     gr.Markdown(info_markdown(info, error))
     if limits is not None:
-        gr.Markdown(limits_markdown(limits))
+        gr.Markdown(limits_markdown(limits, batch))
     gr.Markdown(
         "Metis-HOME duplicates only the feed-forward layers of Qwen2.5-VL into a **thinking** and a "
         "**direct** expert; attention, embeddings and the vision tower are shared. A router looks at "

@@ -1,0 +1,75 @@
+"""Serving a crowd: aggregate tokens/s with 1, 4, 8 and 16 users asking at once, same run.
+
+Each level sends the same requests (held-out tiny-world questions with their images, greedy, a
+fixed number of tokens so every level does the same work) from that many client threads, each
+asking its next question as soon as its answer ends, the way chat users do. The engine batches
+whoever is waiting when the model comes free. `identical` compares every answer with the one
+the same request gets alone.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from metis.prompting import Message
+from metis.serving.engine import Engine, GenerationSettings
+from metis.serving.interface import collect
+from metis.tiny import world
+
+from .common import fixed_length
+
+LEVELS = (1, 4, 8, 16)
+TARGET = 3.0  # speedup_16 on this CPU (issue 12)
+
+
+def _serve(engine: Engine, requests: list, clients: int) -> tuple[float, list]:
+    """Wall seconds for all requests from `clients` threads, and the answers in request order."""
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for item in enumerate(requests):
+        todo.put(item)
+    answers = [None] * len(requests)
+
+    def client():
+        while True:
+            try:
+                i, (messages, settings) = todo.get_nowait()
+            except queue.Empty:
+                return
+            answers[i] = collect(engine.stream(messages, settings))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start, answers
+
+
+def run(engine: Engine, quick: bool) -> dict:
+    new_tokens = 32 if quick else 64
+    settings = GenerationSettings(max_new_tokens=new_tokens)
+    samples = world.generate("test", 32 if quick else 64)
+    requests = [([Message("user", s.question, [s.image])], settings) for s in samples]
+    with fixed_length(engine.model, new_tokens):
+        serial = [collect(engine.stream(m, s)) for m, s in requests[:16]]  # also warms up
+        rates, identical, batches = {}, True, {}
+        for clients in LEVELS:
+            before = len(engine.scheduler.batch_sizes)
+            seconds, answers = _serve(engine, requests, clients)
+            sizes = engine.scheduler.batch_sizes[before:]
+            rates[clients] = round(sum(a.stats.tokens for a in answers) / seconds, 1)
+            batches[clients] = round(sum(sizes) / len(sizes), 2)
+            identical &= all((a.reasoning, a.answer) == (b.reasoning, b.answer) for a, b in zip(serial, answers))
+    return dict(
+        new_tokens=new_tokens,
+        requests=len(requests),
+        max_batch=engine.batch.max_batch,
+        tokens_per_s={str(k): v for k, v in rates.items()},
+        mean_batch={str(k): v for k, v in batches.items()},
+        speedup_16=round(rates[16] / rates[1], 2),
+        identical=identical,
+        target=TARGET,
+    )
