@@ -8,11 +8,13 @@ at the first token), and tokens/s counts after it, like `GenerationStats.tokens_
 seconds per request (the app process versus this process's engine call) show how much of a gap
 is work the server adds rather than cores lost to other processes.
 
-`python -m bench.server PORT MODEL NEW_TOKENS` is the app process itself (internal).
+`python -m bench.server PORT MODEL NEW_TOKENS [APP ARGS...]` is the app process itself (internal;
+NEW_TOKENS 0 leaves answers their natural length).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -35,8 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 class App:
     """The app in a child process, for the length of a `with` block."""
 
-    def __init__(self, model: str, new_tokens: int, start_timeout: float = 180.0):
+    def __init__(self, model: str, new_tokens: int = 0, start_timeout: float = 180.0, app_args: tuple[str, ...] = ()):
         self.model, self.new_tokens, self.start_timeout = model, new_tokens, start_timeout
+        self.app_args = app_args
 
     def __enter__(self) -> "App":
         with socket.socket() as s:
@@ -44,9 +47,10 @@ class App:
             self.port = s.getsockname()[1]
         self.log = tempfile.NamedTemporaryFile("w+", prefix="bench-app-", suffix=".log", delete=False)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.server", str(self.port), self.model, str(self.new_tokens)],
+            [sys.executable, "-m", "bench.server", str(self.port), self.model, str(self.new_tokens), *self.app_args],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
         )
+        self.url = f"http://127.0.0.1:{self.port}/"
         try:
             self.client = self._connect()
         except BaseException:
@@ -60,7 +64,7 @@ class App:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the app exited with {self.process.returncode}; log: {self.log.name}")
             try:
-                return Client(f"http://127.0.0.1:{self.port}/", verbose=False)
+                return Client(self.url, verbose=False)
             except Exception:
                 if time.monotonic() > deadline:
                     raise
@@ -130,15 +134,16 @@ def run(engine: Engine, app: App, quick: bool) -> dict:
     )
 
 
-def serve(port: int, model: str, new_tokens: int) -> None:
-    """Start `app.py` as deployed, but forced to fixed-length answers for a fair comparison."""
-    sys.argv = ["app.py", "--model", model, "--host", "127.0.0.1", "--port", str(port)]
+def serve(port: int, model: str, new_tokens: int, app_args: list[str]) -> None:
+    """Start `app.py` as deployed, forced to fixed-length answers for a fair comparison (unless
+    `new_tokens` is 0)."""
+    sys.argv = ["app.py", "--model", model, "--host", "127.0.0.1", "--port", str(port), *app_args]
     sys.path.insert(0, str(ROOT))
     import app  # noqa: PLC0415  (the app loads its model at import)
 
-    with fixed_length(app.engine.model, new_tokens):
+    with fixed_length(app.engine.model, new_tokens) if new_tokens else contextlib.nullcontext():
         app.demo.launch(server_name="127.0.0.1", server_port=port)
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+    serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4:])

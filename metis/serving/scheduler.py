@@ -64,6 +64,7 @@ class BatchLimits:
 
     max_batch: int = 16
     max_batch_tokens: int = 16384  # rows x longest prompt of a batch
+    gather_s: float = 0.0  # how long a batch that is not full waits for more requests before it starts
 
     def __post_init__(self):
         if self.max_batch < 1 or self.max_batch_tokens < 1:
@@ -73,7 +74,8 @@ class BatchLimits:
     def from_env(cls) -> "BatchLimits":
         """METIS_MAX_BATCH and METIS_MAX_BATCH_TOKENS (server settings; `--max-batch` sets the first)."""
         env = os.environ.get
-        return cls(int(env("METIS_MAX_BATCH", cls.max_batch)), int(env("METIS_MAX_BATCH_TOKENS", cls.max_batch_tokens)))
+        return cls(int(env("METIS_MAX_BATCH", cls.max_batch)), int(env("METIS_MAX_BATCH_TOKENS", cls.max_batch_tokens)),
+                   float(env("METIS_BATCH_GATHER_S", cls.gather_s)))
 
 
 class Scheduler:
@@ -92,6 +94,7 @@ class Scheduler:
     def submit(self, row: Row) -> None:
         with self._cond:
             self._waiting.append(row)
+            self._cond.notify_all()
             if not self._working:
                 self._working = True
                 threading.Thread(target=self._work, name="metis-batch", daemon=True).start()
@@ -107,6 +110,8 @@ class Scheduler:
 
     def _work(self) -> None:
         while True:
+            with self._cond:  # a burst of users arriving together shares one batch
+                self._cond.wait_for(lambda: len(self._waiting) >= self.limits.max_batch, self.limits.gather_s)
             with self.slot.hold():
                 with self._cond:
                     if not self._waiting:
