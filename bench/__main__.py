@@ -18,7 +18,7 @@ import transformers
 
 from metis.serving.engine import Engine
 
-from . import batching, gpu, hybrid, memory, remote, routing, scaling, server, streaming
+from . import batching, fairness, gpu, hybrid, memory, remote, routing, scaling, server, streaming
 from .common import checkpoint, cpu_only_children
 
 
@@ -49,6 +49,8 @@ def measure(spec: str | None, quick: bool, save=lambda results: None) -> dict:
     results["streaming_ratio"] = stream["ratio"]
     save(results)
     results["batching"] = batching.run(engine, quick)
+    save(results)
+    results["fairness"] = fairness.run(engine, quick)
     save(results)
     details["routing"] = route = routing.run(engine, quick)
     results |= dict(prefill_ratio=route["prefill_ratio"], decode_ratio=route["decode_ratio"],
@@ -117,6 +119,13 @@ def table(r: dict) -> str:
          f"{r['batching']['speedup_16']:.2f}, identical {str(r['batching']['identical']).lower()}",
          "≥ 3, identical", "met" if r["batching"]["speedup_16"] >= batching.TARGET and r["batching"]["identical"]
          else "**missed**"),
+        ("Fairness: a 256 KB conversation refused in; another user's short answer meanwhile / alone",
+         f"{r['fairness']['refuse_256kb_s'] * 1e3:.0f} ms; {r['fairness']['short_answer_ratio']:.2f}×", "≤ 1 s; < 2×",
+         "met" if r["fairness"]["refuse_256kb_s"] <= 1 and r["fairness"]["short_answer_ratio"] < 2 else "**missed**"),
+        ("Fairness: longest gap between a batch's tokens, calm / longest prompt as chat / as routing calls",
+         " / ".join(f"{v:.0f} ms" for v in r["fairness"]["max_gap_ms"].values())
+         + f" (step {r['fairness']['decode_step_ms']:.1f} ms; one {r['fairness']['longest_prompt_tokens']}-token "
+         f"prefill {r['fairness']['longest_prefill_ms']:.0f} ms)", "≤ one prefill", ""),
         ("Routing: prefill latency MoE auto / dense",
          f"{r['prefill_ratio']:.3f} ({d['routing']['prefill_ms']['moe_auto']:.1f} vs "
          f"{d['routing']['prefill_ms']['dense']:.1f} ms, {d['routing']['prompt_tokens']} tokens)", "≤ 1.05",
