@@ -25,6 +25,9 @@ from metis.ui import CSS, THEME, build_demo
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
 log = logging.getLogger("metis.app")
+# Gradio keeps each browser session's copy of the page's component configs (~190 KiB here,
+# BENCHMARKS.md) for an hour after it closes; past this many, the oldest sessions are dropped
+SESSION_CAPACITY = 2000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,4 +78,5 @@ demo.queue(default_concurrency_limit=getattr(engine, "concurrency", 1))
 
 if __name__ == "__main__":
     demo.launch(server_name=args.host, server_port=args.port, max_file_size="10mb",
+                state_session_capacity=SESSION_CAPACITY,
                 allowed_paths=[str(EXAMPLES_DIR)], theme=THEME, css=CSS)
