@@ -18,7 +18,7 @@ from .routing import Routing, RoutingTrace
 def explain(trace: RoutingTrace, routing: Routing, input_ids: torch.Tensor, tokenizer, *, image_token_id: int,
             image_grid_thw: torch.Tensor | None, merge: int, sample: int = 0) -> RoutingTrace:
     """`trace` with `contributions`, per-image score grids and the span of the user's question."""
-    if routing.token_logits is None:  # a model without MoE layers routed nothing
+    if routing.record.token_logits is None:  # a model without MoE layers routed nothing
         return trace
     ids = input_ids[sample]
     if routing.prompt_mask is not None:

@@ -83,20 +83,17 @@ class MetisHomeMoeBlock(nn.Module):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
 
-    def _records(self, routing: Routing | None) -> bool:
-        # True during prefill: this layer has not yet reported its gate for this call.
-        return routing is not None and len(routing.layer_logits) == self.moe_index
-
     def _route_query(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        if self._records(routing):  # prefill only: decode steps never touch the gate
+        record = routing.record
+        if not record.decided:  # prefill only: decode steps never touch the gate
             gate_logits = self.gate(x)
             pooled = masked_mean(gate_logits, routing.prompt_mask)
-            routing.layer_logits.append(pooled)
+            record.layer_logits.append(pooled)
             if self.moe_index == 0:
-                routing.token_logits = gate_logits.detach()
-                routing.expert = routing.decide(pooled)
-                routing.expert_ids = routing.expert.tolist()  # one host sync per query, not per step
-        ids = routing.expert_ids
+                record.token_logits = gate_logits.detach()
+                record.expert = routing.decide(pooled)
+                record.expert_ids = record.expert.tolist()  # one host sync per query, not per step
+        ids = record.expert_ids
         if all(e == ids[0] for e in ids):
             return self.experts[ids[0]](x)
         out = torch.empty_like(x)
@@ -127,12 +124,20 @@ class MetisHomeMoeBlock(nn.Module):
             if len(rows):
                 out.index_add_(0, rows, w * expert(flat[rows]))
         out = out.view_as(x)
-        if self._records(routing):
-            routing.layer_logits.append(masked_mean(logits, routing.prompt_mask))
+        if routing is not None and not routing.record.decided:
+            record = routing.record
+            record.layer_logits.append(masked_mean(logits, routing.prompt_mask))
             if self.moe_index == 0:
-                routing.token_logits = logits.detach()
-            routing.token_think_counts.append(float((chosen[..., 0] == routing.thinking_expert).float().mean()))
+                record.token_logits = logits.detach()
+            record.token_think_counts.append(float((chosen[..., 0] == routing.thinking_expert).float().mean()))
         return out
+
+
+class DenseMLP(Qwen2MLP):
+    """A decoder MLP that is not an MoE block (`mlp_only_layers`); it takes the routing like one."""
+
+    def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
+        return super().forward(x)
 
 
 class MetisHomeDecoderLayer(Qwen2_5_VLDecoderLayer):
@@ -142,7 +147,7 @@ class MetisHomeDecoderLayer(Qwen2_5_VLDecoderLayer):
         nn.Module.__init__(self)  # the parent would build a dense MLP we do not want
         self.hidden_size = config.hidden_size
         self.self_attn = Qwen2_5_VLAttention(config, layer_idx)
-        self.mlp = Qwen2MLP(config) if moe_index is None else MetisHomeMoeBlock(config, moe_index)
+        self.mlp = DenseMLP(config) if moe_index is None else MetisHomeMoeBlock(config, moe_index)
         self.input_layernorm = Qwen2_5_VLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen2_5_VLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -168,10 +173,7 @@ class MetisHomeDecoderLayer(Qwen2_5_VLDecoderLayer):
             **kwargs,
         )
         hidden_states = residual + hidden_states
-        normed = self.post_attention_layernorm(hidden_states)
-        if isinstance(self.mlp, MetisHomeMoeBlock):
-            return hidden_states + self.mlp(normed, routing)
-        return hidden_states + self.mlp(normed)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), routing)
 
 
 class MetisHomePreTrainedModel(Qwen2_5_VLPreTrainedModel):
@@ -202,6 +204,12 @@ class MetisHomeTextModel(Qwen2_5_VLTextModel):
         self.rotary_emb = Qwen2_5_VLRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()
+
+    def forward(self, *args, routing: Routing | None = None, **kwargs):
+        outputs = super().forward(*args, routing=routing, **kwargs)
+        if routing is not None:
+            routing.record.decided = True  # the prefill has routed; later steps keep its decision
+        return outputs
 
 
 class MetisHomeModel(Qwen2_5_VLModel):

@@ -36,9 +36,32 @@ class RoutingTrace:
         return asdict(self)
 
 
+def expert_index(label: str, thinking_expert: int) -> int:
+    """The expert that answers a `think` or `direct` question (the other one of two)."""
+    return thinking_expert if label == "think" else 1 - thinking_expert
+
+
+def expert_label(index: int, thinking_expert: int) -> str:
+    return "think" if index == thinking_expert else "direct"
+
+
 @dataclass
+class RoutingRecord:
+    """What the prefill wrote, filled by the MoE blocks. `decided` turns on once the prefill
+    forward is over: from then on every step reuses the decision and no gate runs."""
+
+    decided: bool = False
+    expert: torch.Tensor | None = None  # [batch] chosen expert per sample
+    expert_ids: list[int] = field(default_factory=list)  # same, as host ints for the hot path
+    layer_logits: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, [batch, experts]
+    token_logits: torch.Tensor | None = None  # deciding layer's gate per token, [batch, seq, experts]
+    token_think_counts: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True, eq=False)
 class Routing:
-    """Routing of one forward pass (prefill) and the decode steps that follow it.
+    """How one call routes (fixed before the forward pass), and its `record` (what the prefill
+    found and chose).
 
     mode: `auto` uses the router against `threshold`; `think`/`direct` force an expert; `token` is
     Qwen2-MoE's per-token top-k. `labels` (one expert index per sample) forces experts per sample,
@@ -54,12 +77,7 @@ class Routing:
     labels: torch.Tensor | None = None
     prompt_mask: torch.Tensor | None = None
     rows: tuple[tuple[str, float], ...] | None = None  # per-row (mode, threshold) of a query-mode batch
-    # filled during prefill
-    expert: torch.Tensor | None = None  # [batch] chosen expert per sample
-    layer_logits: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, [batch, experts]
-    token_logits: torch.Tensor | None = None  # deciding layer's gate per token, [batch, seq, experts]
-    token_think_counts: list[float] = field(default_factory=list)
-    expert_ids: list[int] = field(default_factory=list)  # same, as host ints for the hot path
+    record: RoutingRecord = field(default_factory=RoutingRecord)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -70,47 +88,42 @@ class Routing:
     @property
     def query_logits(self) -> torch.Tensor:
         """Pooled router logits of the deciding (first MoE) layer: what the router loss trains."""
-        return self.layer_logits[0]
+        return self.record.layer_logits[0]
 
     def decide(self, pooled_logits: torch.Tensor) -> torch.Tensor:
         """Pick one expert per sample from the first MoE layer's pooled logits."""
-        batch = pooled_logits.shape[0]
-        think = self.thinking_expert
+        device = pooled_logits.device
         if self.labels is not None:
-            return self.labels.to(pooled_logits.device, torch.long)
-        if self.rows is not None:
-            p_think = (pooled_logits.float() / self.temperature).softmax(-1)[:, think].tolist()
-            chosen = [think if mode == "think" or (mode == "auto" and p >= threshold) else 1 - think
-                      for (mode, threshold), p in zip(self.rows, p_think)]
-            return torch.tensor(chosen, dtype=torch.long, device=pooled_logits.device)
-        if self.mode == "think":
-            return torch.full((batch,), think, dtype=torch.long, device=pooled_logits.device)
-        if self.mode == "direct":
-            return torch.full((batch,), 1 - think, dtype=torch.long, device=pooled_logits.device)
-        p_think = (pooled_logits.float() / self.temperature).softmax(-1)[:, think]
-        return torch.where(p_think >= self.threshold, think, 1 - think).long()
+            return self.labels.to(device, torch.long)
+        p_think = (pooled_logits.float() / self.temperature).softmax(-1)[:, self.thinking_expert]
+        rows = self.rows or ((self.mode, self.threshold),) * len(p_think)
+        chosen = [expert_index("think" if mode == "think" or (mode == "auto" and p >= threshold) else "direct",
+                               self.thinking_expert) for (mode, threshold), p in zip(rows, p_think.tolist())]
+        return torch.tensor(chosen, dtype=torch.long, device=device)
 
     def p_think(self, sample: int = 0) -> list[float]:
         """Thinking probability of each MoE layer for one sample."""
         return [float((l[sample].detach().float() / self.temperature).softmax(-1)[self.thinking_expert])
-                for l in self.layer_logits]
+                for l in self.record.layer_logits]
 
     def token_scores(self, sample: int = 0) -> torch.Tensor:
         """Each pooled token's share of the deciding margin, (think - direct) / (N * temperature):
         the scores sum to logit(p_think) of the deciding layer, so the attribution is exact."""
-        logits = self.token_logits[sample].detach().float()
+        logits = self.record.token_logits[sample].detach().float()
         if self.prompt_mask is not None:
             logits = logits[self.prompt_mask[sample].to(logits.device)]
-        margin = logits[:, self.thinking_expert] - logits[:, 1 - self.thinking_expert]
+        think, direct = expert_index("think", self.thinking_expert), expert_index("direct", self.thinking_expert)
+        margin = logits[:, think] - logits[:, direct]
         return margin.cpu() / (margin.numel() * self.temperature)
 
     def trace(self, sample: int = 0) -> RoutingTrace:
-        if not self.layer_logits:
+        if not self.record.layer_logits:
             raise RuntimeError("no routing happened: the model has no MoE layer or was not called")
         per_layer = self.p_think(sample)
         if self.mode == "token":
-            share = sum(self.token_think_counts) / max(len(self.token_think_counts), 1)
+            counts = self.record.token_think_counts
+            share = sum(counts) / max(len(counts), 1)
             return RoutingTrace(per_layer[0], "token", per_layer, self.mode, self.threshold, share)
         mode, threshold = self.rows[sample] if self.rows is not None else (self.mode, self.threshold)
-        decision = "think" if int(self.expert[sample]) == self.thinking_expert else "direct"
+        decision = expert_label(int(self.record.expert[sample]), self.thinking_expert)
         return RoutingTrace(per_layer[0], decision, per_layer, mode, threshold)

@@ -253,3 +253,21 @@ def test_max_batch_one_answers_one_at_a_time(tiny_checkpoint):
     results, sizes = _together(single, [(question, GenerationSettings(max_new_tokens=3), {})] * 3)
     assert sizes == [1, 1, 1] and all(isinstance(r[-1], Done) for r in results)
 
+
+
+def test_stop_reason_takes_the_first_that_holds():
+    from metis.serving.batch import StopRules, stop_reason
+
+    rules = StopRules(eos_ids=[2], close_ids=[9], stop_strings=None)
+    limit = GenerationSettings(max_new_tokens=5)
+
+    def reason(last, generated=1, **kw):
+        return stop_reason(last, generated, limit, rules, **{"closed_by_string": False, "cancelled": False,
+                                                               "late": False, **kw})
+
+    assert reason(2, generated=5, cancelled=True) == "eos"
+    assert reason(9) == reason(4, closed_by_string=True) == "end_of_answer"
+    assert reason(4, generated=5, cancelled=True) == "max_new_tokens"
+    assert reason(4, cancelled=True, late=True) == "cancelled"
+    assert reason(4, late=True) == "deadline"
+    assert reason(4) is None

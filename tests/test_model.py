@@ -129,7 +129,7 @@ def test_decode_never_reroutes():
     assert out.shape[1] == 15
     assert len(gate_calls) == 3  # one per MoE layer, prefill only
     assert len(calls) == 3 * 6 and len(set(calls)) == 1  # every step through the decided expert
-    assert len(routing.layer_logits) == 3
+    assert len(routing.record.layer_logits) == 3 and routing.record.decided
 
 
 def test_token_mode_routes_per_token():
@@ -154,7 +154,7 @@ def test_training_labels_route_each_sample():
     loss = out.loss + torch.nn.functional.cross_entropy(routing.query_logits, torch.tensor([0, 1]))
     loss.backward()
     assert model.moe_blocks()[0].gate.weight.grad.abs().sum() > 0
-    assert routing.expert.tolist() == [0, 1]
+    assert routing.record.expert.tolist() == [0, 1]
 
 
 # -- loading ----------------------------------------------------------------------------------------

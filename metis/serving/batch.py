@@ -170,35 +170,60 @@ class RowStreamer(BaseStreamer):
             self._pending[row] = []
 
 
+@dataclass(frozen=True)
+class StopRules:
+    """What ends any answer on this model: its end tokens, and a one-token `</answer>`
+    (`close_ids`) or transformers' matcher for a longer one."""
+
+    eos_ids: list[int]
+    close_ids: list[int]
+    stop_strings: StopStringCriteria | None
+
+
+def stop_reason(last: int, generated: int, settings: GenerationSettings, rules: StopRules, *,
+                closed_by_string: bool, cancelled: bool, late: bool) -> str | None:
+    """Why a row ends after this step, or None while it goes on; the first reason that holds."""
+    if last in rules.eos_ids:
+        return "eos"
+    if last in rules.close_ids or closed_by_string:
+        return "end_of_answer"
+    if generated >= settings.max_new_tokens:
+        return "max_new_tokens"
+    if cancelled:
+        return "cancelled"
+    return "deadline" if late else None
+
+
+def generate_arguments(rows: list[Row], rules: StopRules, pad_id: int) -> dict:
+    """The `generate` settings a batch shares (rows share them by `Row.key`)."""
+    first = rows[0].settings
+    sampling = (dict(do_sample=True, temperature=first.temperature, top_p=first.top_p)
+                if first.temperature > 0 else dict(do_sample=False))
+    return dict(max_new_tokens=max(r.settings.max_new_tokens for r in rows), eos_token_id=rules.eos_ids + rules.close_ids,
+                pad_token_id=pad_id, use_cache=True, top_k=None, **sampling)
+
+
 class RowStops(StoppingCriteria):
     """Every row's own reasons to stop, checked after each step (its tokens are streamed up to
-    that step: `RowStreamer.stop`); `between_steps` runs there too
-    (the scheduler lets routing-only calls use the model between two decode steps)."""
+    that step: `RowStreamer.stop`); `between_steps` runs there too (the scheduler lets
+    routing-only calls use the model between two decode steps)."""
 
-    def __init__(self, rows: list[Row], streamer: RowStreamer, prompt_len: int, *, eos_ids: list[int],
-                 close_ids: list[int], stop_strings: StopStringCriteria | None, deadline: float,
-                 between_steps: Callable[[], None]):
-        self.rows, self.streamer, self.prompt_len = rows, streamer, prompt_len
-        self.eos, self.close, self.stop_strings = set(eos_ids), set(close_ids), stop_strings
-        self.deadline, self.between_steps = deadline, between_steps
+    def __init__(self, rows: list[Row], streamer: RowStreamer, prompt_len: int, rules: StopRules,
+                 max_seconds: float, between_steps: Callable[[], None]):
+        self.rows, self.streamer, self.prompt_len, self.rules = rows, streamer, prompt_len, rules
+        self.deadline = time.perf_counter() + max_seconds
+        self.between_steps = between_steps
 
     def __call__(self, input_ids, scores, **kwargs):
         generated = input_ids.shape[1] - self.prompt_len
         last = input_ids[:, -1].tolist()
-        by_string = self.stop_strings(input_ids, scores).tolist() if self.stop_strings else [False] * len(last)
+        by_string = (self.rules.stop_strings(input_ids, scores).tolist() if self.rules.stop_strings
+                     else [False] * len(last))
         late = time.perf_counter() >= self.deadline
         for row, r in enumerate(self.rows):
-            if self.streamer.ends[row] is not None:
-                continue
-            if last[row] in self.eos:
-                self.streamer.stop(row, generated, "eos")
-            elif last[row] in self.close or by_string[row]:
-                self.streamer.stop(row, generated, "end_of_answer")
-            elif generated >= r.settings.max_new_tokens:
-                self.streamer.stop(row, generated, "max_new_tokens")
-            elif r.cancel.is_set():
-                self.streamer.stop(row, generated, "cancelled")
-            elif late:
-                self.streamer.stop(row, generated, "deadline")
+            if self.streamer.ends[row] is None and (reason := stop_reason(
+                    last[row], generated, r.settings, self.rules, closed_by_string=by_string[row],
+                    cancelled=r.cancel.is_set(), late=late)):
+                self.streamer.stop(row, generated, reason)
         self.between_steps()
         return torch.tensor([end is not None for end in self.streamer.ends], device=input_ids.device)

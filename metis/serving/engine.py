@@ -33,7 +33,7 @@ from ..streaming import (
     Progress,
     Routed,
 )
-from .batch import Prefilled, Row, RowBudgets, RowEnd, RowStops, RowStreamer, ThinkingBudget
+from .batch import Prefilled, Row, RowBudgets, RowEnd, RowStops, RowStreamer, StopRules, ThinkingBudget, generate_arguments
 from .interface import Answer, GenerationSettings, collect
 from .scheduler import BatchLimits, ModelSlot, Scheduler
 
@@ -58,10 +58,11 @@ class Engine:
         # tag is one token it stops like an end of sequence (a set lookup per step); where it spans
         # several (Qwen2.5's vocabulary) transformers' stop-string matcher finds it, built once here.
         answer_close = tokenizer(ANSWER_CLOSE, add_special_tokens=False)["input_ids"]
-        self.stop_ids = answer_close if len(answer_close) == 1 else []
-        self.stop_strings = None if self.stop_ids else StopStringCriteria(tokenizer, [ANSWER_CLOSE])
+        one_token = len(answer_close) == 1
         self.close_ids = tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]
         self.limits = RequestLimits.from_env()  # prompt tokens and seconds per request (metis/budget.py)
+        self.stops = StopRules(self.eos_ids, answer_close if one_token else [],
+                               None if one_token else StopStringCriteria(tokenizer, [ANSWER_CLOSE]))
         self.batch = batch or BatchLimits.from_env()
         self.concurrency = self.batch.max_batch  # answers in flight: one batch; later ones queue in the app
         self.slot = ModelSlot()
@@ -143,34 +144,24 @@ class Engine:
     # -- one batch --------------------------------------------------------------------------------
     def _generate(self, rows: list[Row]) -> None:
         """One `generate` call for `rows` (the scheduler's worker thread, holding the slot)."""
-        first = rows[0].settings
-        inputs = {k: v.to(self.model.device) for k, v in left_pad([r.inputs for r in rows], self.tokenizer.pad_token_id).items()}
+        batch = left_pad([r.inputs for r in rows], self.tokenizer.pad_token_id)
+        inputs = {k: v.to(self.model.device) for k, v in batch.items()}
         prompt_len = inputs["input_ids"].shape[1]
         routing = self._routing(inputs, [r.settings for r in rows])
-        streamer = RowStreamer(rows, lambda: [r.out.put(Prefilled(routing, i, inputs["input_ids"])) for i, r in enumerate(rows)])
-        budgets = [ThinkingBudget(r.settings.thinking_budget, self.close_ids, IncrementalDecoder(self.tokenizer, self.hidden_ids))
-                   if r.settings.thinking_budget is not None else None for r in rows]
-        sampling = (dict(do_sample=True, temperature=first.temperature, top_p=first.top_p)
-                    if first.temperature > 0 else dict(do_sample=False))
+        streamer = RowStreamer(rows, lambda: [r.out.put(Prefilled(routing, i, batch["input_ids"])) for i, r in enumerate(rows)])
+        budgets = [None if r.settings.thinking_budget is None else
+                   ThinkingBudget(r.settings.thinking_budget, self.close_ids, IncrementalDecoder(self.tokenizer, self.hidden_ids))
+                   for r in rows]
+        stops = RowStops(rows, streamer, prompt_len, self.stops, self.limits.max_seconds, self.slot.pause)
         try:
             with self._gates(rows[0].router), torch.inference_mode():
-                stops = RowStops(rows, streamer, prompt_len, eos_ids=self.eos_ids, close_ids=self.stop_ids,
-                                 stop_strings=self.stop_strings, deadline=time.perf_counter() + self.limits.max_seconds,
-                                 between_steps=self.slot.pause)
-                if first.seed is not None:
-                    torch.manual_seed(first.seed)
+                if rows[0].settings.seed is not None:
+                    torch.manual_seed(rows[0].settings.seed)
                 self.model.generate(
-                    **inputs,
-                    routing=routing,
-                    streamer=streamer,
-                    max_new_tokens=max(r.settings.max_new_tokens for r in rows),
+                    **inputs, routing=routing, streamer=streamer,
                     logits_processor=LogitsProcessorList([RowBudgets(budgets, prompt_len)] if any(budgets) else []),
                     stopping_criteria=StoppingCriteriaList([stops]),
-                    eos_token_id=self.eos_ids + self.stop_ids,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    use_cache=True,
-                    top_k=None,
-                    **sampling,
+                    **generate_arguments(rows, self.stops, self.tokenizer.pad_token_id),
                 )
         except BaseException as exc:  # every row of the batch reports it as a Failed event
             streamer.end()

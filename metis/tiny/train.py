@@ -94,7 +94,7 @@ def forward(model, batch: dict, moe: bool, router_smoothing: float = 0.0):
     # trained to think) teaches the thinking expert but not the router.
     w = batch["route_weight"]
     ce = torch.stack([F.cross_entropy(l.float(), batch["expert"], reduction="none", label_smoothing=router_smoothing)
-                      for l in routing.layer_logits])
+                      for l in routing.record.layer_logits])
     router = (ce.mean(0) * w).sum() / w.sum().clamp(min=1)
     acc = ((routing.query_logits.argmax(-1) == batch["expert"]).float() * w).sum() / w.sum().clamp(min=1)
     return lm + router, lm, router, acc.item()

@@ -69,7 +69,7 @@ def evaluate(model, enc: Encoder, samples: list[world.Sample], moe: bool, batch_
             stats[s.family][1] += 1
             gen_tokens += int((out[b] != tok.pad_token_id).sum())
             if moe:
-                routed += (int(routing.expert[b]) == think_idx) == (s.family == "reasoning")
+                routed += (int(routing.record.expert[b]) == think_idx) == (s.family == "reasoning")
     model.train(was_training)
     result = {f"acc_{f}": c / max(n, 1) for f, (c, n) in stats.items()}
     result["mean_tokens"] = gen_tokens / len(samples)
