@@ -77,10 +77,6 @@ class MetisHomeConfig(Qwen2_5_VLConfig):
     system_prompt: str | None = None
     router_temperature: float = 1.0
 
-    @property
-    def direct_expert(self) -> int:
-        return 1 - self.thinking_expert
-
 
 AutoConfig.register(MetisHomeTextConfig.model_type, MetisHomeTextConfig)
 AutoConfig.register(MetisHomeConfig.model_type, MetisHomeConfig)

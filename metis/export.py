@@ -35,7 +35,8 @@ from .loading import (
     reconcile_config,
     resolve_checkpoint,
 )
-from .modeling import LEGACY_RENAMES, MetisHomeForConditionalGeneration, MetisHomeModel, MetisHomePreTrainedModel
+from .modeling import LEGACY_RENAMES, MetisHomeForConditionalGeneration, MetisHomeModel, MetisHomePreTrainedModel, is_gate
+from .routing import expert_index
 
 EXPERT_NAMES = ("think", "direct")
 ROUTER = "router"
@@ -120,7 +121,7 @@ def expert_state_dict(state_dict: dict[str, torch.Tensor], expert: int) -> dict[
     The tensors are the model's own (no copy)."""
     out = {}
     for key, value in state_dict.items():
-        if key.endswith(".mlp.gate.weight"):
+        if is_gate(key):
             continue
         if m := _EXPERT_KEY.match(key):
             if int(m.group(2)) != expert:
@@ -201,7 +202,7 @@ def export_experts(checkpoint: str | None, out: str | Path) -> ExportSummary:
     config = model.config
     out = Path(out)
     state = model.state_dict()
-    experts = {"think": config.thinking_expert, "direct": config.direct_expert}
+    experts = {name: expert_index(name, config.thinking_expert) for name in EXPERT_NAMES}
     params_expert = 0
     for name in EXPERT_NAMES:
         dense = _build(Qwen2_5_VLForConditionalGeneration, dense_config(config), expert_state_dict(state, experts[name]))

@@ -32,6 +32,13 @@ from .configuration import MetisHomeConfig, MetisHomeTextConfig
 from .routing import Routing
 
 
+GATE_SUFFIX = "mlp.gate.weight"  # a router gate's parameter name ends so; routers are saved by it
+
+
+def is_gate(name: str) -> bool:
+    return name.endswith(GATE_SUFFIX)
+
+
 class ExpertMLP(nn.Module):
     """SwiGLU MLP of an explicit width (experts may differ from the dense `intermediate_size`)."""
 
@@ -255,7 +262,7 @@ class MetisHomeForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 
     def router_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the router gates: what router fine-tuning changes and saves."""
-        return {k: v for k, v in self.state_dict().items() if k.endswith("mlp.gate.weight")}
+        return {k: v for k, v in self.state_dict().items() if is_gate(k)}
 
 
 # Checkpoints saved by transformers 4.x (the published one) keep the text model at `model.` and the

@@ -14,7 +14,7 @@ from accelerate import init_empty_weights
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from .configuration import MetisHomeConfig
-from .modeling import MetisHomeForConditionalGeneration
+from .modeling import MetisHomeForConditionalGeneration, is_gate
 
 _DENSE_MLP = re.compile(r"^(.*\.layers\.\d+\.mlp)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -61,7 +61,7 @@ def upcycle(dense: Qwen2_5_VLForConditionalGeneration, num_experts: int = 2, thi
         for e in range(num_experts):
             state[f"{prefix}.experts.{e}.{proj}.weight"] = tensor.clone()
     for name, param in moe.named_parameters():
-        if name.endswith("mlp.gate.weight"):
+        if is_gate(name):
             state[name] = torch.zeros(param.shape, dtype=dense.dtype, device=dense.device)
     missing, unexpected = moe.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
