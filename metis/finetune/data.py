@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..images import Header, ImageError, check_budget, load_images, read_header
-from ..prompting import Message
+from ..prompting import Message, PromptConfig
 
 LABELS = ("think", "direct")
 MAX_BYTES = 20 * 1024 * 1024
 MAX_LINES = 20_000
-MAX_IMAGES = 8
-MAX_TEXT_CHARS = 8000
+PROMPT = PromptConfig()  # a row is one user message: the chat's own limits on text and images
 MAX_UNPACKED_BYTES = 200 * 1024 * 1024
 MAX_ZIP_MEMBERS = 20_000
 DATA_SUFFIXES = (".jsonl", ".json", ".csv")
@@ -99,8 +98,8 @@ def _check_record(record: dict, number: int, root: Path, seen: dict) -> tuple[Ex
     text, label, names = record.get("text"), record.get("label"), record.get("images", [])
     if not isinstance(text, str) or not text.strip():
         problems.append("missing field 'text'" if text is None else "field 'text' must be a non-empty string")
-    elif len(text) > MAX_TEXT_CHARS:
-        problems.append(f"text too long ({len(text)} characters, at most {MAX_TEXT_CHARS})")
+    elif len(text) > PROMPT.max_text_chars:
+        problems.append(f"text too long ({len(text)} characters, at most {PROMPT.max_text_chars})")
     if label is None:
         problems.append("missing field 'label'")
     elif label not in LABELS:
@@ -108,8 +107,8 @@ def _check_record(record: dict, number: int, root: Path, seen: dict) -> tuple[Ex
     if not isinstance(names, list):
         problems.append("field 'images' must be a list of paths")
         names = []
-    elif len(names) > MAX_IMAGES:
-        problems.append(f"too many images ({len(names)}, at most {MAX_IMAGES})")
+    elif len(names) > PROMPT.max_images:
+        problems.append(f"too many images ({len(names)}, at most {PROMPT.max_images})")
         names = []
     headers = [_check_image(root, name, seen) for name in names]
     problems += [h for h in headers if isinstance(h, str)]
