@@ -271,3 +271,37 @@ def test_stop_reason_takes_the_first_that_holds():
     assert reason(4, cancelled=True, late=True) == "cancelled"
     assert reason(4, late=True) == "deadline"
     assert reason(4) is None
+
+
+def test_a_routing_call_inside_a_batch_with_a_session_router_sees_the_shipped_gates(engine):
+    """A batch that answers with a session's fine-tuned gates pauses for a routing call: the call
+    routes with the shipped gates, and the batch gets its own back."""
+    shipped = {k: v.clone() for k, v in engine.model.router_state_dict().items()}
+    neutral = {k: torch.zeros_like(v) for k, v in shipped.items()}
+    question = _messages("How many circles are there?", (112, 112))
+    expected = engine.route(question).p_think
+    cancel = threading.Event()
+    first = threading.Event()
+    traces = []
+
+    def answer():
+        for event in engine.stream(question, GenerationSettings(max_new_tokens=16384), cancel=cancel, router=neutral):
+            if isinstance(event, Routed):
+                traces.append(event.trace)
+            else:
+                first.set()
+
+    from bench.common import fixed_length
+
+    with fixed_length(engine.model, 16384):
+        worker = threading.Thread(target=answer)
+        worker.start()
+        assert first.wait(60)
+        inside = engine.route(question).p_think
+        cancel.set()
+        worker.join()
+    assert traces[0].p_think == pytest.approx(0.5)  # the batch routed with the neutral session gates
+    assert inside == pytest.approx(expected)
+    assert engine.scheduler.idle(timeout=30)  # the batch has put the shipped gates back
+    after = engine.model.router_state_dict()
+    assert all(torch.equal(after[k], shipped[k]) for k in shipped)
