@@ -2,9 +2,10 @@
 
 Each level sends the same requests (held-out tiny-world questions with their images, greedy, a
 fixed number of tokens so every level does the same work) from that many client threads, each
-asking its next question as soon as its answer ends, the way chat users do. The engine batches
-whoever is waiting when the model comes free. `identical` compares every answer with the one
-the same request gets alone.
+asking its next question as soon as its answer ends, the way chat users do. The clock starts
+once every client's first request is waiting, so N users are really at once from the start; then
+the engine batches whoever is waiting when the model comes free. `identical` compares every
+answer with the one the same request gets alone.
 """
 
 from __future__ import annotations
@@ -40,9 +41,12 @@ def _serve(engine: Engine, requests: list, clients: int) -> tuple[float, list]:
             answers[i] = collect(engine.stream(messages, settings))
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
+    with engine.slot.hold():
+        for t in threads:
+            t.start()
+        while engine.scheduler.waiting() < clients:
+            time.sleep(0.0005)
+        start = time.perf_counter()
     for t in threads:
         t.join()
     return time.perf_counter() - start, answers

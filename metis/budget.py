@@ -49,6 +49,11 @@ def count_tokens(prompts: PromptBuilder, messages: list[Message]) -> int:
     return len(prompts.token_ids(messages, counts))
 
 
+def _message_tokens(prompts: PromptBuilder, message: Message, frame: int) -> int:
+    """One message's tokens: its turn is the same ids wherever it sits in the conversation."""
+    return count_tokens(prompts, [message]) - frame
+
+
 def prompt_limit(limits: RequestLimits, context: int | None) -> int:
     """The server's setting, lowered to the model's context (positions it was trained on)."""
     return min(limits.max_prompt_tokens, context) if context else limits.max_prompt_tokens
@@ -56,18 +61,23 @@ def prompt_limit(limits: RequestLimits, context: int | None) -> int:
 
 def fit(prompts: PromptBuilder, messages: list[Message], limit: int, overflow: str) -> tuple[list[Message], str | None]:
     """The messages within `limit` prompt tokens, and a note when turns were dropped; or a
-    PromptError saying by how much the request is over."""
+    PromptError saying the request is over. Counting goes from the newest message back and stops
+    at the limit, so refusing a huge request costs no more than serving one at the limit."""
     prompts.validate(messages)
-    total = count_tokens(prompts, messages)
-    if total <= limit:
+    frame = count_tokens(prompts, [])  # the system turn and the assistant's header
+    total, first = frame, len(messages)  # messages[first:] fit in `total` tokens
+    for i in range(len(messages) - 1, -1, -1):
+        n = _message_tokens(prompts, messages[i], frame)
+        if total + n > limit:
+            break
+        total, first = total + n, i
+    if first == 0:
         return messages, None
-    kept = messages
-    if overflow == "trim":
-        while len(kept) > 1:
-            kept = kept[2:] if kept[0].role == "user" and len(kept) > 2 else kept[1:]  # a whole turn
-            if (n := count_tokens(prompts, kept)) <= limit:
-                dropped = len(messages) - len(kept)
-                return kept, (f"The conversation was {total:,} tokens, over this server's limit of {limit:,}: "
-                              f"its oldest {dropped} message(s) were left out ({n:,} tokens kept).")
-    raise PromptError(f"The conversation is {total:,} tokens long (images included), over this server's limit "
-                      f"of {limit:,} tokens per request. Start a new chat or send less text or fewer images.")
+    if overflow == "trim":  # keep whole turns: the kept part starts with a question
+        start = next((j for j in range(first, len(messages)) if messages[j].role == "user"), None)
+        if start is not None:
+            kept = messages[start:]
+            return kept, (f"The conversation was over this server's limit of {limit:,} tokens: its oldest {start} "
+                          f"message(s) were left out ({count_tokens(prompts, kept):,} tokens kept).")
+    raise PromptError(f"The conversation is over this server's limit of {limit:,} tokens per request (images "
+                      f"included). Start a new chat or send less text or fewer images.")

@@ -220,7 +220,7 @@ def limits(engine):
 def test_an_over_long_conversation_is_refused_at_once(engine, limits):
     limits(max_prompt_tokens=4096, overflow="refuse")
     start = time.perf_counter()
-    with pytest.raises(PromptError, match=r"tokens long \(images included\), over this server's limit of 512"):
+    with pytest.raises(PromptError, match=r"over this server's limit of 512 tokens per request \(images included\)"):
         list(engine.stream(long_conversation(), GenerationSettings(max_new_tokens=4)))
     assert time.perf_counter() - start < 1.0  # limit: min(4096, the fixture model's 512-position context)
 
