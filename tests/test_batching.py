@@ -18,6 +18,7 @@ from metis.serving.interface import collect
 from metis.serving.scheduler import BatchLimits, ModelSlot, Scheduler
 from metis.streaming import Done, Routed
 from metis.tiny import world
+from test_generation import CancelAfterChecks
 
 MIXED = [  # different prompt lengths, images of different sizes or none, every mode
     ("auto", "How many circles are there?", (112, 112)),
@@ -106,23 +107,11 @@ def test_forward_hooks_see_each_row_on_its_own_expert(engine):
             assert torch.equal(seen[expert][step], x[chosen]), f"step {step}: expert {expert} got other rows"
 
 
-class CancelAtStep(threading.Event):
-    """Cancelled at its n-th check: once when the batch is formed, then once per decoding step."""
-
-    def __init__(self, n):
-        super().__init__()
-        self.n, self.checks = n, 0
-
-    def is_set(self):
-        self.checks += 1
-        return self.checks >= self.n or super().is_set()
-
-
 def test_cancelling_one_row_leaves_the_others_unchanged(engine):
     requests = [(_messages(text, size), GenerationSettings(mode=mode, max_new_tokens=20), {})
                 for mode, text, size in MIXED[:4]]
     serial = [collect(engine.stream(m, s)) for m, s, _ in requests]
-    requests[1] = (*requests[1][:2], {"cancel": CancelAtStep(4)})
+    requests[1] = (*requests[1][:2], {"cancel": CancelAfterChecks(4)})
     batched, sizes = _together(engine, requests)
     assert sizes == [4]
     stopped = batched[1][-1].stats
