@@ -18,6 +18,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList, StopStringCr
 
 from ..budget import RequestLimits, fit, prompt_limit
 from ..explain import explain
+from ..loading import LoadedModel
 from ..prompting import Message, PromptBuilder, left_pad
 from ..routing import RoutingTrace
 from ..streaming import (
@@ -39,13 +40,13 @@ from .scheduler import BatchLimits, ModelSlot, Scheduler
 
 
 class Engine:
-    def __init__(self, model, tokenizer, image_processor, prompt_config=None, info=None,
-                 batch: BatchLimits | None = None):
+    def __init__(self, loaded: LoadedModel, batch: BatchLimits | None = None):
+        model, tokenizer = loaded.model, loaded.tokenizer
         self.model = model
         self.tokenizer = tokenizer
-        self.info = info
+        self.info = loaded.info
         self.prompts = PromptBuilder(
-            tokenizer, image_processor, prompt_config, system_prompt=model.config.system_prompt
+            tokenizer, loaded.image_processor, loaded.prompt_config, system_prompt=model.config.system_prompt
         )
         # control tokens never reach the text; the tags stay (single special tokens in small vocabularies)
         tags = {"<think>", "</think>", "<answer>", "</answer>"}
@@ -73,7 +74,7 @@ class Engine:
     def load(cls, spec: str | None = None, batch: BatchLimits | None = None, **kwargs) -> "Engine":
         from ..loading import load
 
-        return cls(*load(spec, **kwargs), batch=batch)
+        return cls(load(spec, **kwargs), batch=batch)
 
     # -- routing only -------------------------------------------------------------------------
     def route(self, messages: list[Message], mode: str = "auto", threshold: float | None = None,

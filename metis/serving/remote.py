@@ -121,7 +121,7 @@ class RemoteEngine:
              direct_model: str | None = None, policy: ClientPolicy | None = None) -> "RemoteEngine":
         if not (router and think_url and direct_url):
             raise ValueError("the remote backend needs all three of --router, --think-url and --direct-url")
-        return cls(Engine(*load_router(router)), Endpoint(_v1(think_url), think_model),
+        return cls(Engine(load_router(router)), Endpoint(_v1(think_url), think_model),
                    Endpoint(_v1(direct_url), direct_model), policy, router_path=str(router))
 
     # -- the Engine's interface ------------------------------------------------------------------
