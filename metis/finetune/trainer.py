@@ -61,6 +61,16 @@ class EpochMetrics:
     seconds: float
 
 
+@dataclass(frozen=True)
+class BestEpoch:
+    """The epoch with the lowest validation loss so far: what `result()` returns and what early
+    stopping counts from (epoch 0: the gates as they were)."""
+
+    val_loss: float
+    weights: torch.Tensor = field(repr=False)  # GateStack.weight, [layers, experts, hidden]
+    epoch: int
+
+
 @dataclass
 class TrainResult:
     router: dict[str, torch.Tensor] = field(repr=False)  # opaque to UIs: hand it to the engine
@@ -134,7 +144,7 @@ class RouterTrainer:
         self.sizes = {"train": len(train_idx), "val": len(val_idx)}
         self.history: list[EpochMetrics] = []
         self.before = self._evaluate()
-        self.best = (self.before["loss"], self.gates.weight.detach().clone(), 0)
+        self.best = BestEpoch(self.before["loss"], self.gates.weight.detach().clone(), 0)
         self.seconds = 0.0
         self.cancelled = False
 
@@ -178,26 +188,26 @@ class RouterTrainer:
                 count += len(targets)
             val = self._evaluate()
             self.seconds += time.perf_counter() - start
-            if val["loss"] < self.best[0]:
-                self.best = (val["loss"], self.gates.weight.detach().clone(), epoch)
+            if val["loss"] < self.best.val_loss:
+                self.best = BestEpoch(val["loss"], self.gates.weight.detach().clone(), epoch)
             m = EpochMetrics(epoch, total / count, correct / count, val["loss"], val["accuracy"], val["auc"],
                              time.perf_counter() - start)
             self.history.append(m)
             yield m
-            if settings.patience and epoch - self.best[2] >= settings.patience:
+            if settings.patience and epoch - self.best.epoch >= settings.patience:
                 return
 
     def result(self) -> TrainResult:
         """The best epoch's router (lowest validation loss) and its metrics."""
         with torch.no_grad():
-            self.gates.weight.copy_(self.best[1])
+            self.gates.weight.copy_(self.best.weights)
         after = self._evaluate()
-        router = {name: w.to(self.dtype).cpu().contiguous() for name, w in zip(self.names, self.best[1])}
+        router = {name: w.to(self.dtype).cpu().contiguous() for name, w in zip(self.names, self.best.weights)}
         target = self.settings.target_ratio
         summary = {
             "examples": self.sizes,
             "threshold": self.threshold,
-            "best_epoch": self.best[2],
+            "best_epoch": self.best.epoch,
             "cancelled": self.cancelled,
             "val_loss_before": self.before["loss"],
             "val_accuracy_before": self.before["accuracy"],
