@@ -32,6 +32,12 @@ def launch(demo):
     return demo
 
 
+def greedy(mode: str, max_new_tokens: int):
+    """The UI's settings for a greedy answer of at most `max_new_tokens`, no thinking budget."""
+    return settings(mode=mode, threshold=None, thinking_budget=0, max_new_tokens=max_new_tokens,
+                    temperature=0, top_p=1)
+
+
 @pytest.fixture(scope="module")
 def long_question(engine, tmp_path_factory):
     """A shapes question that the fixture's random weights answer without ever writing the end
@@ -41,7 +47,7 @@ def long_question(engine, tmp_path_factory):
         path = tmp_path_factory.mktemp("img") / "shapes.png"
         sample.image.save(path)
         messages = to_messages(user_bubbles(sample.question, [str(path)]))
-        if all(engine.run(messages, settings(mode, None, 0, 300, 0, 1)).stats.stop_reason == "max_new_tokens"
+        if all(engine.run(messages, greedy(mode, 300)).stats.stop_reason == "max_new_tokens"
                for mode in ("think", "direct")):
             return sample.question, str(path), messages
     pytest.fail("no shapes question keeps the random model talking")
@@ -64,7 +70,7 @@ def question(long_question):
 # -- handlers, called directly ------------------------------------------------------------------
 
 def test_forced_think_streams_a_thinking_note_then_finishes(engine, long_question):
-    stream = Runner(engine).answer(long_question[2], settings("think", None, 0, 16, 0, 1))
+    stream = Runner(engine).answer(long_question[2], greedy("think", 16))
     shown = [(turn.messages(), turn) for turn in stream]  # one turn object, updated as events come
     (first, _), (last, turn) = shown[0], shown[-1]
     assert first[0]["metadata"]["status"] == "pending"
@@ -75,7 +81,7 @@ def test_forced_think_streams_a_thinking_note_then_finishes(engine, long_questio
 def test_stop_event_ends_a_long_answer_and_frees_the_engine(engine, long_question, stream_log):
     cancel = threading.Event()
     stream = Runner(engine).answer(long_question[2],
-                                   settings("think", None, 0, 16384, 0, 1), cancel=cancel)
+                                   greedy("think", 16384), cancel=cancel)
     next(stream)
     cancel.set()
     *_, last = stream

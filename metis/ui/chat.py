@@ -85,7 +85,8 @@ def respond(runner: Runner, history: list, mode, threshold, budget, max_new_toke
         yield history, skip, skip, skip, skip, skip
         return
     try:
-        request = settings(mode, threshold, budget, max_new_tokens, temperature, top_p)
+        request = settings(mode=mode, threshold=threshold, thinking_budget=budget, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p)
         messages = to_messages(history)
         plotted = False
         for turn in runner.answer(messages, request, router_value, state.cancel):
@@ -178,7 +179,8 @@ def build(runner: Runner, session: gr.State, router: gr.State, threshold: float)
         """Answer one question (text + images). Streams the chat messages: a thinking message
         (metadata title/status/duration) or a "answered directly" note, then the answer."""
         try:
-            request = settings(mode, threshold, thinking_budget, max_new_tokens, temperature, top_p)
+            request = settings(mode=mode, threshold=threshold, thinking_budget=thinking_budget,
+                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
             messages = api_messages(message)
             for turn in runner.answer(messages, request, router_value):
                 yield turn.messages()

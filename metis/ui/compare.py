@@ -52,7 +52,8 @@ def build(runner: Runner, session: gr.State, router: gr.State) -> None:
             messages = to_messages(user_bubbles(message.get("text", ""), message.get("files", [])))
             finished = []
             for i, (mode, _) in enumerate(EXPERTS):
-                request = settings(mode, None, None, max_tokens, 0.0, 1.0)
+                request = settings(mode=mode, threshold=None, thinking_budget=None, max_new_tokens=max_tokens,
+                                   temperature=0.0, top_p=1.0)
                 for turn in runner.answer(messages, request, router_value, cancel):
                     shown = readable_math(turn.answer) + ("\n\n*(stopped)*" if turn.stopped else "")
                     blank[3 * i : 3 * i + 3] = [shown, readable_math(turn.reasoning) or "*(none)*",
