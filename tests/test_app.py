@@ -183,6 +183,24 @@ def test_app_starts_without_a_model_and_says_why():
         demo.close()
 
 
+def test_every_backend_offers_the_whole_interface(engine):
+    """The UI reads a backend through serving/interface.py only; a missing model answers every
+    member, the fine-tuning operations included, with its load error."""
+    from metis.serving.interface import Backend
+    from metis.serving.remote import RemoteEngine
+    from metis.ui.runtime import ModelUnavailable, UnavailableEngine
+
+    members = [name for name in vars(Backend) if not name.startswith("_")] + list(Backend.__annotations__)
+    missing = UnavailableEngine(FileNotFoundError("gone"))
+    for backend in (engine, missing, RemoteEngine):
+        assert all(hasattr(backend, name) for name in members), backend
+    assert engine.available and engine.error is None and engine.describe().limits is engine.limits
+    assert not missing.available and missing.describe() is None and "gone" in missing.error
+    for operation in (missing.features, missing.check_router, missing.save_model):
+        with pytest.raises(ModelUnavailable, match="gone"):
+            operation([], "x")
+
+
 def test_spacefile_runs_the_app_entry_point():
     run = re.search(r"^\s*run:\s*python (\S+)", (ROOT / "Spacefile").read_text(), re.M).group(1)
     assert (ROOT / run).is_file() and "demo.launch(" in (ROOT / run).read_text()

@@ -113,7 +113,7 @@ def test_finetune_tab_extracts_features_through_the_gpu_gateway(engine, monkeypa
     from metis.ui.finetune import FinetuneTab
     from metis.ui.runtime import Runner
 
-    tab = FinetuneTab(engine, Runner(engine))
+    tab = FinetuneTab(Runner(engine))
     run = tab.start([], True, 2, 0.05, 16, 0.2, 0, 0, 0.5, request=SimpleNamespace(session_hash="z"))
     statuses = [status for status, *_ in run]
     assert statuses[-1] == "Done.", statuses[-1]

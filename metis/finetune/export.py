@@ -2,7 +2,7 @@
 
 A router file is a safetensors file of `...mlp.gate.weight` tensors under the model's own names,
 so it can be used per session (`Engine.stream(router=load_router(path))`), applied to a model for
-good (`apply_router`), or baked into a full checkpoint (`save_model`).
+good (`apply_router`), or baked into a full checkpoint (`Backend.save_model`).
 """
 
 from __future__ import annotations
@@ -46,14 +46,3 @@ def apply_router(model, router: dict[str, torch.Tensor]) -> None:
     """Load the gates into `model` for good."""
     check_router(model, router)
     model.load_state_dict(router, strict=False)
-
-
-def save_model(engine, router: dict[str, torch.Tensor], out: str | Path) -> Path:
-    """A full checkpoint (weights, tokenizer, image processor) with the router baked in; the
-    engine's own model keeps its router (others may be chatting with it)."""
-    out = Path(out)
-    check_router(engine.model, router)
-    engine.model.save_pretrained(out, state_dict={**engine.model.state_dict(), **router})
-    engine.tokenizer.save_pretrained(out)
-    engine.prompts.image_processor.save_pretrained(out)
-    return out

@@ -120,15 +120,15 @@ def split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.T
 
 
 class RouterTrainer:
-    def __init__(self, model, features: Features, settings: TrainSettings | None = None,
+    def __init__(self, features: Features, settings: TrainSettings | None = None,
                  cancel: threading.Event | None = None, accelerator: Accelerator | None = None):
         self.settings = settings or TrainSettings()
         self.cancel = cancel or threading.Event()
         self.features = features
-        self.threshold = model.config.routing_threshold
-        self.think = model.config.thinking_expert
-        # the gates as extracted with the features, in layer order; the model's own weights are
-        # not read here (on ZeroGPU they live in the GPU process)
+        # the routing as extracted with the features (gates in layer order, thinking expert,
+        # threshold); the model itself is not read here (on ZeroGPU it lives in the GPU process)
+        self.threshold = features.threshold
+        self.think = features.thinking_expert
         self.names = list(features.router)
         self.dtype = next(iter(features.router.values())).dtype
         self.accelerator = accelerator or Accelerator()
@@ -227,10 +227,10 @@ class RouterTrainer:
         return TrainResult(router, self.settings, list(self.history), summary)
 
 
-def train_router(model, features: Features, settings: TrainSettings | None = None,
+def train_router(features: Features, settings: TrainSettings | None = None,
                  cancel: threading.Event | None = None, on_epoch=None) -> TrainResult:
     """Callback form of RouterTrainer: `on_epoch(EpochMetrics)` after each epoch."""
-    trainer = RouterTrainer(model, features, settings, cancel)
+    trainer = RouterTrainer(features, settings, cancel)
     for epoch in trainer:
         if on_epoch:
             on_epoch(epoch)

@@ -12,15 +12,20 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList, StopStringCriteria
 
 from ..budget import RequestLimits, fit, prompt_limit
 from ..explain import explain
+from ..finetune.data import Example
+from ..finetune.export import check_router
+from ..finetune.features import Features, feature_steps
 from ..loading import LoadedModel
 from ..prompting import Message, PromptBuilder, left_pad
 from ..routing import RoutingTrace
+from ..sizing import decode_tokens_per_s
 from ..streaming import (
     ANSWER_CLOSE,
     THINK_CLOSE,
@@ -35,11 +40,14 @@ from ..streaming import (
     Routed,
 )
 from .batch import Prefilled, Row, RowBudgets, RowEnd, RowStops, RowStreamer, ThinkingBudget
-from .interface import Answer, GenerationSettings, collect
+from .interface import Answer, GenerationSettings, ModelDescription, collect
 from .scheduler import BatchLimits, ModelSlot, Scheduler
+from .tuning import RouterProbe, save_checkpoint
 
 
 class Engine:
+    available, error = True, None  # serving/interface.py: a loaded engine has no load error
+
     def __init__(self, loaded: LoadedModel, batch: BatchLimits | None = None):
         model, tokenizer = loaded.model, loaded.tokenizer
         self.model = model
@@ -75,6 +83,25 @@ class Engine:
         from ..loading import load
 
         return cls(load(spec, **kwargs), batch=batch)
+
+    # -- what the UI shows and fine-tuning uses (serving/interface.py) ---------------------------
+    @property
+    def default_threshold(self) -> float:
+        return self.model.config.routing_threshold
+
+    def describe(self) -> ModelDescription:
+        info = self.info
+        return ModelDescription(info.to_dict() if info else {}, getattr(info, "attn_implementation", None),
+                                self.limits, self.batch, decode_tokens_per_s(info) if info else None)
+
+    def features(self, examples: list[Example], cache_dir: str | Path | None = None) -> Iterator[int | Features]:
+        return feature_steps(RouterProbe(self), examples, cache_dir)
+
+    def check_router(self, router: dict) -> None:
+        check_router(self.model, router)
+
+    def save_model(self, router: dict, out: str | Path) -> Path:
+        return save_checkpoint(self, router, out)
 
     # -- routing only -------------------------------------------------------------------------
     def route(self, messages: list[Message], mode: str = "auto", threshold: float | None = None,

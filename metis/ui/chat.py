@@ -198,7 +198,7 @@ def build(runner: Runner, session: gr.State, router: gr.State, threshold: float)
             threshold = values.number("threshold", threshold, optional=True)
             trace = runner.route(messages, values.mode(mode), threshold, router_value).to_dict()
             # a remote backend's attention runs on its servers: null here
-            return {**trace, "attn_implementation": getattr(runner.engine.info, "attn_implementation", None)}
+            return {**trace, "attn_implementation": runner.backend.describe().attn_implementation}
         except USER_ERRORS as exc:
             raise gr.Error(str(exc)) from None
 

@@ -86,9 +86,8 @@ class FinetuneTab:
     """Handlers of the tab; `cancels` maps a browser session to its run's cancel event. The model
     is reached through the same `Runner` as chat, so on ZeroGPU feature extraction runs on the GPU."""
 
-    def __init__(self, engine, runner: Runner | None = None):
-        self.engine = engine
-        self.runner = runner or Runner(engine)
+    def __init__(self, runner: Runner):
+        self.runner = runner
         self.cancels: dict[str, threading.Event] = {}
 
     def enqueue(self, request: gr.Request) -> str:
@@ -150,7 +149,7 @@ class FinetuneTab:
         except Cancelled:
             yield ("Cancelled.", *nothing)
             return
-        trainer = RouterTrainer(self.engine.model, features, settings, cancel)
+        trainer = RouterTrainer(features, settings, cancel)
         for m in progress.tqdm(trainer, total=settings.epochs, desc="epochs"):
             status = f"Epoch {m.epoch}/{settings.epochs}: validation accuracy {m.val_accuracy:.1%}"
             yield (status, curves_figure(trainer.history), *nothing[1:])
@@ -176,9 +175,9 @@ class FinetuneTab:
         return result.router, "The chat tab now uses the fine-tuned router (this browser session only)."
 
 
-def build_finetune_tab(engine, session_router: gr.State, runner: Runner | None = None) -> FinetuneTab:
+def build_finetune_tab(runner: Runner, session_router: gr.State) -> FinetuneTab:
     """Lay the tab's components out in the current Blocks/Tab context and wire the handlers."""
-    tab = FinetuneTab(engine, runner)
+    tab = FinetuneTab(runner)
     gr.Markdown("Fine-tune only the **router** on labelled queries (`think` or `direct`); the experts stay "
                 "frozen. Upload a `.jsonl`/`.csv` (columns `text`, `images`, `label`) with its images, or "
                 "a zip of its folder.")
