@@ -12,7 +12,7 @@ from gradio_client.exceptions import AppError
 
 from metis.tiny import world
 from metis.ui import build_demo
-from metis.ui.chat import add_turn, respond, stop_answer
+from metis.ui.chat import ChatOutputs, add_turn, respond, stop_answer
 from metis.ui.events import to_messages, user_bubbles
 from metis.ui.runtime import Runner, settings
 from metis.ui.session import Session
@@ -94,23 +94,27 @@ def test_chat_handler_streams_into_history_and_records_the_session(engine, long_
     text, image, _ = long_question
     state = Session()
     history, _ = add_turn({"text": text, "files": [image]}, [], state)
-    updates = list(respond(Runner(engine), history, "think", 0.5, 0, 8, 0, 1, state, None))
-    chat, stats = updates[-2][0], updates[-1][2]  # the last yield only adds the stats and figure
+    out = ChatOutputs.create()
+    updates = list(respond(Runner(engine), out, history, "think", 0.5, 0, 8, 0, 1, state, None))
+    chat, stats = updates[-2][out.chatbot], updates[-1][out.stats]  # the last yield only adds the stats and figure
     assert chat[:1] == history and chat[1]["metadata"]["status"] == "done"
     assert "thinking" in stats and state.records[0].mode == "think"
-    assert any(isinstance(u[1], go.Figure) for u in updates)  # the router figure came with the first tokens
+    # the router figure came with the first tokens
+    assert any(isinstance(u.get(out.routing_plot), go.Figure) for u in updates)
 
 
 def test_chat_handler_shows_bad_settings_and_bad_images_as_messages(engine, tmp_path):
     state = Session()
     history, _ = add_turn({"text": "hi", "files": []}, [], state)
-    (update,) = respond(Runner(engine), history, "auto", 2.0, 0, 8, 0, 1, state, None)
-    assert update[0][-1]["metadata"]["title"] == "⚠️ Error" and "threshold" in update[0][-1]["content"]
+    out = ChatOutputs.create()
+    (update,) = respond(Runner(engine), out, history, "auto", 2.0, 0, 8, 0, 1, state, None)
+    shown = update[out.chatbot][-1]
+    assert shown["metadata"]["title"] == "⚠️ Error" and "threshold" in shown["content"]
     bad = tmp_path / "x.png"
     bad.write_text("no")
     history, _ = add_turn({"text": "hi", "files": [str(bad)]}, [], state)
-    (update,) = respond(Runner(engine), history, "auto", 0.5, 0, 8, 0, 1, state, None)
-    assert "x.png" in update[0][-1]["content"]
+    (update,) = respond(Runner(engine), out, history, "auto", 0.5, 0, 8, 0, 1, state, None)
+    assert "x.png" in update[out.chatbot][-1]["content"]
 
 
 def test_stop_handler_stops_only_its_session(engine, long_question):
@@ -118,11 +122,12 @@ def test_stop_handler_stops_only_its_session(engine, long_question):
     mine, other = Session(), Session()
     history, _ = add_turn({"text": text, "files": [image]}, [], mine)
     add_turn({"text": text, "files": [image]}, [], other)
-    updates = respond(Runner(engine), history, "think", 0.5, 0, 16384, 0, 1, mine, None)
+    out = ChatOutputs.create()
+    updates = respond(Runner(engine), out, history, "think", 0.5, 0, 16384, 0, 1, mine, None)
     next(updates)
     stop_answer(mine)
     *_, last = updates
-    assert last[2].startswith("*Stopped") and not other.cancel.is_set()
+    assert last[out.stats].startswith("*Stopped") and not other.cancel.is_set()
 
 
 # -- through the API ------------------------------------------------------------------------------

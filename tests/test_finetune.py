@@ -196,13 +196,17 @@ def test_tab_handlers(engine, tmp_path):
     from metis.ui.finetune import FinetuneTab
 
     tab = FinetuneTab(Runner(engine))
+    o = tab.out
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "q", "label": "perhaps"}])
-    (status, *_), = run_tab(tab, [str(bad)])
+    (update,) = run_tab(tab, [str(bad)])
+    status = update[o.status]
     assert "cannot be used" in status and "line 1: unknown label" in status and "Traceback" not in status
     for update in tab.start([], True, 3, 0.05, 16, 0.2, 0, 0, 0.5, request=SimpleNamespace(session_hash="test")):
-        if isinstance(update[-1], dict) and update[-1].get("value"):  # read it while the run's folder exists
-            saved = load_router(update[-1]["value"]).keys()
-    status, curves, summary, sweep, confusion, result, download = update
+        download = update.get(o.download)
+        if isinstance(download, dict) and download.get("value"):  # read it while the run's folder exists
+            saved = load_router(download["value"]).keys()
+    status, summary, confusion, result, download = (update[c] for c in (o.status, o.summary, o.confusion, o.result,
+                                                                         o.download))
     assert status == "Done." and "Validation accuracy" in summary and len(confusion) == 4
     assert saved == result.router.keys() and not Path(download["value"]).exists()  # removed with its run
     router, message = tab.use_in_chat(result)
@@ -217,7 +221,8 @@ def test_tab_removes_the_unpacked_upload(engine, tmp_path, monkeypatch):
                        + [{"text": t, "label": "direct"} for t in DIRECT])
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    assert run_tab(FinetuneTab(Runner(engine)), [str(data)], epochs=2)[-1][0] == "Done."
+    tab = FinetuneTab(Runner(engine))
+    assert run_tab(tab, [str(data)], epochs=2)[-1][tab.out.status] == "Done."
     assert not list((tmp_path / "tmp").glob("metis-finetune-*"))
 
 
@@ -230,12 +235,12 @@ def test_tab_failed_run_says_why_and_leaves_the_router(engine, monkeypatch):
     before = {k: v.clone() for k, v in engine.model.router_state_dict().items()}
     tab = tab_module.FinetuneTab(Runner(engine))
     monkeypatch.setattr(tab_module.RouterTrainer, "result", broken)
-    status, *_ = run_tab(tab, [], use_sample=True, epochs=2)[-1]
+    status = run_tab(tab, [], use_sample=True, epochs=2)[-1][tab.out.status]
     assert status.startswith("### The run failed") and "RuntimeError: disk full" in status
     assert "Traceback" not in status and "test" not in tab.cancels
     assert all(torch.equal(v, before[k]) for k, v in engine.model.router_state_dict().items())
     monkeypatch.undo()
-    assert run_tab(tab, [], use_sample=True, epochs=2)[-1][0] == "Done."  # the next run works
+    assert run_tab(tab, [], use_sample=True, epochs=2)[-1][tab.out.status] == "Done."  # the next run works
 
 
 def test_tab_cancel(engine):
@@ -245,7 +250,7 @@ def test_tab_cancel(engine):
     request = SimpleNamespace(session_hash="c")
     run = tab.start([], True, 100, 0.05, 16, 0.2, 0, 0, 0.5, request=request)
     next(run)  # features under way
-    for status, *_ in run:
+    for status in (update[tab.out.status] for update in run):
         if status.startswith("Epoch 2/"):
             assert tab.cancel(request) == "Cancelling…"
     assert status.startswith("Cancelled") and "c" not in tab.cancels
@@ -259,10 +264,10 @@ def test_tab_cancel_while_queued(engine):
     request = SimpleNamespace(session_hash="q")
     assert "Waiting" in tab.enqueue(request)
     assert tab.cancel(request) == "Cancelling…"
-    (status, *_), = tab.start([], True, 3, 0.05, 16, 0.2, 0, 0, 0.5, request=request)
-    assert status == "Cancelled before it started." and "q" not in tab.cancels
+    (update,) = tab.start([], True, 3, 0.05, 16, 0.2, 0, 0, 0.5, request=request)
+    assert update[tab.out.status] == "Cancelled before it started." and "q" not in tab.cancels
     tab.enqueue(request)
-    assert run_tab(tab, [], use_sample=True, epochs=2, session="q")[-1][0] == "Done."
+    assert run_tab(tab, [], use_sample=True, epochs=2, session="q")[-1][tab.out.status] == "Done."
 
 
 def test_tab_through_gradio_client(engine, tmp_path):

@@ -115,7 +115,7 @@ def test_finetune_tab_extracts_features_through_the_gpu_gateway(engine, monkeypa
 
     tab = FinetuneTab(Runner(engine))
     run = tab.start([], True, 2, 0.05, 16, 0.2, 0, 0, 0.5, request=SimpleNamespace(session_hash="z"))
-    statuses = [status for status, *_ in run]
+    statuses = [update[tab.out.status] for update in run]
     assert statuses[-1] == "Done.", statuses[-1]
     names = [name for name, _ in spaces.CALLS]
     assert "features" in names and all(seconds > 0 for _, seconds in spaces.CALLS)

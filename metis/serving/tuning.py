@@ -37,7 +37,8 @@ class RouterProbe:
         digest.update(repr((prompts.system_prompt, prompts.config)).encode())
         for name, p in model.named_parameters():
             if not name.endswith("mlp.gate.weight"):
-                digest.update(f"{name}{tuple(p.shape)}{torch.sum(p.detach(), dtype=torch.float64).item():.10e}".encode())
+                total = torch.sum(p.detach(), dtype=torch.float64).item()
+                digest.update(f"{name}{tuple(p.shape)}{total:.10e}".encode())
         return digest.hexdigest()[:16]
 
     def gates(self) -> dict[str, torch.Tensor]:
