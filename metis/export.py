@@ -28,6 +28,7 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTe
 from .configuration import MetisHomeConfig, MetisHomeTextConfig
 from .loading import (
     CheckpointMismatch,
+    LoadedModel,
     checkpoint_shapes,
     copy_preprocessing_files,
     load,
@@ -198,7 +199,7 @@ def export_experts(checkpoint: str | None, out: str | Path) -> ExportSummary:
     dtype = str(config.dtype or "float32").removeprefix("torch.")  # exported in the checkpoint's own dtype
     # refused before any weight is read, with the widths the checkpoint's tensors have
     check_splittable(reconcile_config(config, checkpoint_shapes(source)))
-    model, _, _, _, _ = load(str(source), device="cpu", dtype=dtype)
+    model = load(str(source), device="cpu", dtype=dtype).model
     config = model.config
     out = Path(out)
     state = model.state_dict()
@@ -223,8 +224,8 @@ def _save(model, source: Path, folder: Path) -> None:
     copy_preprocessing_files(source, folder)
 
 
-def load_router(path: str | Path, cpu_threads: int | None = None):
-    """-> (router model, tokenizer, image processor) from an exported `router/` folder. Every tensor
+def load_router(path: str | Path, cpu_threads: int | None = None) -> LoadedModel:
+    """The router model of an exported `router/` folder, ready for `Engine`. Every tensor
     must be there with its shape: nothing is initialised at random."""
     from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -241,4 +242,4 @@ def load_router(path: str | Path, cpu_threads: int | None = None):
         raise CheckpointMismatch(f"router checkpoint {path} does not match its config: {problems}")
     torch.set_num_threads(pick_cpu_threads(model, cpu_threads))
     model.eval()
-    return model, AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path)
+    return LoadedModel(model, AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path))

@@ -71,6 +71,18 @@ class ModelInfo:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """What `load` (or `export.load_router`) hands to `Engine`: the model and what reads its inputs.
+    Named, so a caller cannot swap the tokenizer for the image processor by position."""
+
+    model: MetisHomeForConditionalGeneration
+    tokenizer: object
+    image_processor: object
+    prompt_config: PromptConfig | None = None  # None: PromptBuilder's defaults
+    info: ModelInfo | None = None  # None: not described (a router export)
+
+
 def resolve_checkpoint(spec: str | None, allow_pickle: bool = False) -> Path:
     if spec is None or spec in EMBEDDED_NAMES:
         if not (EMBEDDED / "config.json").exists():
@@ -235,8 +247,8 @@ def placement(config: MetisHomeConfig, device: str, dtype: torch.dtype, offload:
 
 def load(spec: str | None = None, device: str | None = None, dtype: str | None = None,
          attn_implementation: str | None = None, allow_pickle: bool = False, cpu_threads: int | None = None,
-         offload: bool | None = None):
-    """-> (model, tokenizer, image_processor, prompt_config, info), the arguments of `Engine`.
+         offload: bool | None = None) -> LoadedModel:
+    """The checkpoint, ready for `Engine`.
 
     `device`: "cuda" spreads the model over every visible GPU, "cuda:N" puts it on that one.
     `offload` (default: env METIS_OFFLOAD=1) lets a model larger than the GPUs spill to CPU/disk.
@@ -265,7 +277,8 @@ def load(spec: str | None = None, device: str | None = None, dtype: str | None =
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
     # image bounds: the checkpoint's own preprocessor config (the tiny model's fixes 112x112)
-    return model, tokenizer, image_processor, PromptConfig(), describe(model, str(spec or "embedded tiny"), attn)
+    return LoadedModel(model, tokenizer, image_processor, PromptConfig(),
+                       describe(model, str(spec or "embedded tiny"), attn))
 
 
 def describe(model: MetisHomeForConditionalGeneration, checkpoint: str, attn: str) -> ModelInfo:

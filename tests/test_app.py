@@ -12,7 +12,7 @@ from gradio_client.exceptions import AppError
 
 from metis.tiny import world
 from metis.ui import build_demo
-from metis.ui.chat import add_turn, respond, stop_answer
+from metis.ui.chat import ChatOutputs, add_turn, respond, stop_answer
 from metis.ui.events import to_messages, user_bubbles
 from metis.ui.runtime import Runner, settings
 from metis.ui.session import Session
@@ -32,6 +32,12 @@ def launch(demo):
     return demo
 
 
+def greedy(mode: str, max_new_tokens: int):
+    """The UI's settings for a greedy answer of at most `max_new_tokens`, no thinking budget."""
+    return settings(mode=mode, threshold=None, thinking_budget=0, max_new_tokens=max_new_tokens,
+                    temperature=0, top_p=1)
+
+
 @pytest.fixture(scope="module")
 def long_question(engine, tmp_path_factory):
     """A shapes question that the fixture's random weights answer without ever writing the end
@@ -41,7 +47,7 @@ def long_question(engine, tmp_path_factory):
         path = tmp_path_factory.mktemp("img") / "shapes.png"
         sample.image.save(path)
         messages = to_messages(user_bubbles(sample.question, [str(path)]))
-        if all(engine.run(messages, settings(mode, None, 0, 300, 0, 1)).stats.stop_reason == "max_new_tokens"
+        if all(engine.run(messages, greedy(mode, 300)).stats.stop_reason == "max_new_tokens"
                for mode in ("think", "direct")):
             return sample.question, str(path), messages
     pytest.fail("no shapes question keeps the random model talking")
@@ -64,7 +70,7 @@ def question(long_question):
 # -- handlers, called directly ------------------------------------------------------------------
 
 def test_forced_think_streams_a_thinking_note_then_finishes(engine, long_question):
-    stream = Runner(engine).answer(long_question[2], settings("think", None, 0, 16, 0, 1))
+    stream = Runner(engine).answer(long_question[2], greedy("think", 16))
     shown = [(turn.messages(), turn) for turn in stream]  # one turn object, updated as events come
     (first, _), (last, turn) = shown[0], shown[-1]
     assert first[0]["metadata"]["status"] == "pending"
@@ -75,7 +81,7 @@ def test_forced_think_streams_a_thinking_note_then_finishes(engine, long_questio
 def test_stop_event_ends_a_long_answer_and_frees_the_engine(engine, long_question, stream_log):
     cancel = threading.Event()
     stream = Runner(engine).answer(long_question[2],
-                                   settings("think", None, 0, 16384, 0, 1), cancel=cancel)
+                                   greedy("think", 16384), cancel=cancel)
     next(stream)
     cancel.set()
     *_, last = stream
@@ -88,23 +94,27 @@ def test_chat_handler_streams_into_history_and_records_the_session(engine, long_
     text, image, _ = long_question
     state = Session()
     history, _ = add_turn({"text": text, "files": [image]}, [], state)
-    updates = list(respond(Runner(engine), history, "think", 0.5, 0, 8, 0, 1, state, None))
-    chat, stats = updates[-2][0], updates[-1][2]  # the last yield only adds the stats and figure
+    out = ChatOutputs.create()
+    updates = list(respond(Runner(engine), out, history, "think", 0.5, 0, 8, 0, 1, state, None))
+    chat, stats = updates[-2][out.chatbot], updates[-1][out.stats]  # the last yield only adds the stats and figure
     assert chat[:1] == history and chat[1]["metadata"]["status"] == "done"
     assert "thinking" in stats and state.records[0].mode == "think"
-    assert any(isinstance(u[1], go.Figure) for u in updates)  # the router figure came with the first tokens
+    # the router figure came with the first tokens
+    assert any(isinstance(u.get(out.routing_plot), go.Figure) for u in updates)
 
 
 def test_chat_handler_shows_bad_settings_and_bad_images_as_messages(engine, tmp_path):
     state = Session()
     history, _ = add_turn({"text": "hi", "files": []}, [], state)
-    (update,) = respond(Runner(engine), history, "auto", 2.0, 0, 8, 0, 1, state, None)
-    assert update[0][-1]["metadata"]["title"] == "⚠️ Error" and "threshold" in update[0][-1]["content"]
+    out = ChatOutputs.create()
+    (update,) = respond(Runner(engine), out, history, "auto", 2.0, 0, 8, 0, 1, state, None)
+    shown = update[out.chatbot][-1]
+    assert shown["metadata"]["title"] == "⚠️ Error" and "threshold" in shown["content"]
     bad = tmp_path / "x.png"
     bad.write_text("no")
     history, _ = add_turn({"text": "hi", "files": [str(bad)]}, [], state)
-    (update,) = respond(Runner(engine), history, "auto", 0.5, 0, 8, 0, 1, state, None)
-    assert "x.png" in update[0][-1]["content"]
+    (update,) = respond(Runner(engine), out, history, "auto", 0.5, 0, 8, 0, 1, state, None)
+    assert "x.png" in update[out.chatbot][-1]["content"]
 
 
 def test_stop_handler_stops_only_its_session(engine, long_question):
@@ -112,11 +122,12 @@ def test_stop_handler_stops_only_its_session(engine, long_question):
     mine, other = Session(), Session()
     history, _ = add_turn({"text": text, "files": [image]}, [], mine)
     add_turn({"text": text, "files": [image]}, [], other)
-    updates = respond(Runner(engine), history, "think", 0.5, 0, 16384, 0, 1, mine, None)
+    out = ChatOutputs.create()
+    updates = respond(Runner(engine), out, history, "think", 0.5, 0, 16384, 0, 1, mine, None)
     next(updates)
     stop_answer(mine)
     *_, last = updates
-    assert last[2].startswith("*Stopped") and not other.cancel.is_set()
+    assert last[out.stats].startswith("*Stopped") and not other.cancel.is_set()
 
 
 # -- through the API ------------------------------------------------------------------------------
@@ -175,6 +186,24 @@ def test_app_starts_without_a_model_and_says_why():
             Client(demo.local_url, verbose=False).predict({"text": "hi", "files": []}, api_name="/chat")
     finally:
         demo.close()
+
+
+def test_every_backend_offers_the_whole_interface(engine):
+    """The UI reads a backend through serving/interface.py only; a missing model answers every
+    member, the fine-tuning operations included, with its load error."""
+    from metis.serving.interface import Backend
+    from metis.serving.remote import RemoteEngine
+    from metis.ui.runtime import ModelUnavailable, UnavailableEngine
+
+    members = [name for name in vars(Backend) if not name.startswith("_")] + list(Backend.__annotations__)
+    missing = UnavailableEngine(FileNotFoundError("gone"))
+    for backend in (engine, missing, RemoteEngine):
+        assert all(hasattr(backend, name) for name in members), backend
+    assert engine.available and engine.error is None and engine.describe().limits is engine.limits
+    assert not missing.available and missing.describe() is None and "gone" in missing.error
+    for operation in (missing.features, missing.check_router, missing.save_model):
+        with pytest.raises(ModelUnavailable, match="gone"):
+            operation([], "x")
 
 
 def test_spacefile_runs_the_app_entry_point():

@@ -14,7 +14,6 @@ fonts-noto-color-emoji).
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
@@ -22,6 +21,7 @@ from playwright.sync_api import expect, sync_playwright
 from metis.routing import RoutingTrace
 from metis.streaming import AnswerDelta, Done, GenerationStats, ReasoningDelta, Routed
 from metis.tiny import world
+from metis.serving.interface import ModelDescription
 from metis.ui import CSS, THEME, build_demo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,9 +37,10 @@ class ScriptedEngine:
     """Streams a fixed reasoning and answer. The reasoning stops at `gate` until the test opens
     it; "long" questions reason until stopped."""
 
-    info = SimpleNamespace(to_dict=lambda: {"checkpoint": "scripted", "device": "cpu"},
-                           params_total=1, num_experts=2, params_per_expert=0, attn_implementation="sdpa")
-    model = SimpleNamespace(config=SimpleNamespace(routing_threshold=0.5))
+    available, error, default_threshold = True, None, 0.5
+
+    def describe(self):
+        return ModelDescription({"checkpoint": "scripted", "device": "cpu"}, attn_implementation="sdpa")
 
     def __init__(self):
         self.gate = threading.Event()

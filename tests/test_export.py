@@ -73,7 +73,7 @@ def test_dense_experts_load_with_plain_transformers_and_no_metis_code(exported):
 
 
 def test_router_holds_only_what_the_decision_reads(embedded, exported):
-    router, _, _ = load_router(exported / "router")
+    router = load_router(exported / "router").model
     names = {n for n, _ in router.named_parameters()}
     assert not any("lm_head" in n or ".layers.1." in n for n in names)
     assert sum(p.numel() for p in router.parameters()) < embedded.model.num_parameters() / 2
@@ -89,7 +89,7 @@ def test_router_trace_equals_the_full_models_in_auto_mode(source, embedded, expo
         full = Engine.load(str(tiny_checkpoint))
         export_experts(str(tiny_checkpoint), tmp_path)
         folder = tmp_path / "router"
-    router = Engine(*load_router(folder))
+    router = Engine(load_router(folder))
     for messages in queries():
         want, got = full.route(messages, mode="auto"), router.route(messages, mode="auto")
         assert abs(want.p_think - got.p_think) <= 1e-5

@@ -14,11 +14,12 @@ import torch
 
 from metis.finetune import (
     DatasetError, RouterTrainer, TrainSettings, apply_router, extract_features, load_dataset, load_router,
-    save_model, train_router,
+    train_router,
 )
 from metis.finetune import cli, metrics
 from metis.finetune.data import unpack_upload
 from metis.tiny import world
+from metis.ui.runtime import Runner
 
 THINK = ["Work out the total of all sides.", "Subtract the squares from the circles.",
          "Compare both colours and reason which is more.", "Add the sides then subtract two."]
@@ -122,7 +123,7 @@ def test_pooled_features_reproduce_the_routers_logits(engine, toy, toy_features)
 
 
 def test_training_improves_routing_and_router_round_trips(engine, toy, toy_features, tmp_path):
-    result = train_router(engine.model, toy_features, TrainSettings(epochs=80, lr=0.05, batch_size=16, patience=0))
+    result = train_router(toy_features, TrainSettings(epochs=80, lr=0.05, batch_size=16, patience=0))
     s = result.summary
     assert s["val_accuracy_after"] > s["val_accuracy_before"] and s["val_accuracy_after"] >= 0.9
     assert len(result.history) == 80 and s["train_seconds"] > 0
@@ -140,7 +141,7 @@ def test_training_improves_routing_and_router_round_trips(engine, toy, toy_featu
     tuned = engine.route(think, router=router)
     assert tuned.decision == "think"
     assert all(torch.equal(own[k], v) for k, v in engine.model.router_state_dict().items())
-    saved = save_model(engine, router, tmp_path / "model")
+    saved = engine.save_model(router, tmp_path / "model")
     from metis.serving.engine import Engine
 
     baked = Engine.load(str(saved))
@@ -152,7 +153,7 @@ def test_training_improves_routing_and_router_round_trips(engine, toy, toy_featu
 
 def test_cancel_keeps_the_best_epoch_so_far(engine, toy_features):
     cancel = threading.Event()
-    trainer = RouterTrainer(engine.model, toy_features, TrainSettings(epochs=50, patience=0), cancel)
+    trainer = RouterTrainer(toy_features, TrainSettings(epochs=50, patience=0), cancel)
     for m in trainer:
         if m.epoch == 3:
             cancel.set()
@@ -163,7 +164,7 @@ def test_cancel_keeps_the_best_epoch_so_far(engine, toy_features):
 
 
 def test_early_stopping(engine, toy_features):
-    result = train_router(engine.model, toy_features, TrainSettings(epochs=500, lr=0.5, patience=3))
+    result = train_router(toy_features, TrainSettings(epochs=500, lr=0.5, patience=3))
     assert len(result.history) < 500
     assert len(result.history) - result.summary["best_epoch"] == 3
 
@@ -194,14 +195,18 @@ def run_tab(tab, files, use_sample=False, epochs=3, session="test"):
 def test_tab_handlers(engine, tmp_path):
     from metis.ui.finetune import FinetuneTab
 
-    tab = FinetuneTab(engine)
+    tab = FinetuneTab(Runner(engine))
+    o = tab.out
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "q", "label": "perhaps"}])
-    (status, *_), = run_tab(tab, [str(bad)])
+    (update,) = run_tab(tab, [str(bad)])
+    status = update[o.status]
     assert "cannot be used" in status and "line 1: unknown label" in status and "Traceback" not in status
     for update in tab.start([], True, 3, 0.05, 16, 0.2, 0, 0, 0.5, request=SimpleNamespace(session_hash="test")):
-        if isinstance(update[-1], dict) and update[-1].get("value"):  # read it while the run's folder exists
-            saved = load_router(update[-1]["value"]).keys()
-    status, curves, summary, sweep, confusion, result, download = update
+        download = update.get(o.download)
+        if isinstance(download, dict) and download.get("value"):  # read it while the run's folder exists
+            saved = load_router(download["value"]).keys()
+    status, summary, confusion, result, download = (update[c] for c in (o.status, o.summary, o.confusion, o.result,
+                                                                         o.download))
     assert status == "Done." and "Validation accuracy" in summary and len(confusion) == 4
     assert saved == result.router.keys() and not Path(download["value"]).exists()  # removed with its run
     router, message = tab.use_in_chat(result)
@@ -216,7 +221,8 @@ def test_tab_removes_the_unpacked_upload(engine, tmp_path, monkeypatch):
                        + [{"text": t, "label": "direct"} for t in DIRECT])
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    assert run_tab(FinetuneTab(engine), [str(data)], epochs=2)[-1][0] == "Done."
+    tab = FinetuneTab(Runner(engine))
+    assert run_tab(tab, [str(data)], epochs=2)[-1][tab.out.status] == "Done."
     assert not list((tmp_path / "tmp").glob("metis-finetune-*"))
 
 
@@ -227,24 +233,24 @@ def test_tab_failed_run_says_why_and_leaves_the_router(engine, monkeypatch):
         raise RuntimeError("disk full")
 
     before = {k: v.clone() for k, v in engine.model.router_state_dict().items()}
-    tab = tab_module.FinetuneTab(engine)
+    tab = tab_module.FinetuneTab(Runner(engine))
     monkeypatch.setattr(tab_module.RouterTrainer, "result", broken)
-    status, *_ = run_tab(tab, [], use_sample=True, epochs=2)[-1]
+    status = run_tab(tab, [], use_sample=True, epochs=2)[-1][tab.out.status]
     assert status.startswith("### The run failed") and "RuntimeError: disk full" in status
     assert "Traceback" not in status and "test" not in tab.cancels
     assert all(torch.equal(v, before[k]) for k, v in engine.model.router_state_dict().items())
     monkeypatch.undo()
-    assert run_tab(tab, [], use_sample=True, epochs=2)[-1][0] == "Done."  # the next run works
+    assert run_tab(tab, [], use_sample=True, epochs=2)[-1][tab.out.status] == "Done."  # the next run works
 
 
 def test_tab_cancel(engine):
     from metis.ui.finetune import FinetuneTab
 
-    tab = FinetuneTab(engine)
+    tab = FinetuneTab(Runner(engine))
     request = SimpleNamespace(session_hash="c")
     run = tab.start([], True, 100, 0.05, 16, 0.2, 0, 0, 0.5, request=request)
     next(run)  # features under way
-    for status, *_ in run:
+    for status in (update[tab.out.status] for update in run):
         if status.startswith("Epoch 2/"):
             assert tab.cancel(request) == "Cancelling…"
     assert status.startswith("Cancelled") and "c" not in tab.cancels
@@ -254,14 +260,14 @@ def test_tab_cancel_while_queued(engine):
     """Cancel pressed while the run waits for the slot: it never starts, and the next one does."""
     from metis.ui.finetune import FinetuneTab
 
-    tab = FinetuneTab(engine)
+    tab = FinetuneTab(Runner(engine))
     request = SimpleNamespace(session_hash="q")
     assert "Waiting" in tab.enqueue(request)
     assert tab.cancel(request) == "Cancelling…"
-    (status, *_), = tab.start([], True, 3, 0.05, 16, 0.2, 0, 0, 0.5, request=request)
-    assert status == "Cancelled before it started." and "q" not in tab.cancels
+    (update,) = tab.start([], True, 3, 0.05, 16, 0.2, 0, 0, 0.5, request=request)
+    assert update[tab.out.status] == "Cancelled before it started." and "q" not in tab.cancels
     tab.enqueue(request)
-    assert run_tab(tab, [], use_sample=True, epochs=2, session="q")[-1][0] == "Done."
+    assert run_tab(tab, [], use_sample=True, epochs=2, session="q")[-1][tab.out.status] == "Done."
 
 
 def test_tab_through_gradio_client(engine, tmp_path):
@@ -272,7 +278,7 @@ def test_tab_through_gradio_client(engine, tmp_path):
     from metis.ui.finetune import build_finetune_tab
 
     with gr.Blocks() as demo:
-        build_finetune_tab(engine, gr.State(None))
+        build_finetune_tab(Runner(engine), gr.State(None))
     demo.queue().launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
         client = Client(demo.local_url, verbose=False)

@@ -113,9 +113,9 @@ def test_finetune_tab_extracts_features_through_the_gpu_gateway(engine, monkeypa
     from metis.ui.finetune import FinetuneTab
     from metis.ui.runtime import Runner
 
-    tab = FinetuneTab(engine, Runner(engine))
+    tab = FinetuneTab(Runner(engine))
     run = tab.start([], True, 2, 0.05, 16, 0.2, 0, 0, 0.5, request=SimpleNamespace(session_hash="z"))
-    statuses = [status for status, *_ in run]
+    statuses = [update[tab.out.status] for update in run]
     assert statuses[-1] == "Done.", statuses[-1]
     names = [name for name, _ in spaces.CALLS]
     assert "features" in names and all(seconds > 0 for _, seconds in spaces.CALLS)
@@ -379,7 +379,7 @@ def test_allow_pickle_downloads_the_bin_weights(tiny_checkpoint, tmp_path, monke
         return str(folder) if "*.bin" in allow_patterns else str(tiny_checkpoint)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    loaded, *_ = load("someone/metis-home-bin", allow_pickle=True)
+    loaded = load("someone/metis-home-bin", allow_pickle=True).model
     assert "*.bin" in asked[-1]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
     load("someone/metis-home-bin")

@@ -166,7 +166,8 @@ def test_load_reads_expert_width_from_checkpoint(tiny_checkpoint, tmp_path):
     for f in tiny_checkpoint.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
     (tmp_path / "config.json").write_text(json.dumps(config))
-    model, *_, info = load(str(tmp_path))
+    loaded = load(str(tmp_path))
+    model, info = loaded.model, loaded.info
     assert model.config.text_config.moe_intermediate_size == 40
     assert info.num_experts == 2 and info.params_per_expert > 0
 
@@ -175,9 +176,9 @@ def test_cpu_threads_one_for_small_models_unless_asked(tiny_checkpoint):
     """Small models decode faster on one intra-op thread from the engine's worker thread."""
     before = torch.get_num_threads()
     try:
-        *_, info = load(str(tiny_checkpoint), device="cpu")
+        info = load(str(tiny_checkpoint), device="cpu").info
         assert info.cpu_threads == torch.get_num_threads() == 1
-        *_, info = load(str(tiny_checkpoint), device="cpu", cpu_threads=2)
+        info = load(str(tiny_checkpoint), device="cpu", cpu_threads=2).info
         assert info.cpu_threads == torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -254,3 +254,17 @@ def connect(url: str, process: subprocess.Popen) -> Client:
 def test_model_tab_names_the_backend(remote, local):
     assert "remote" in info_markdown(remote.info.to_dict()) and "/v1" in info_markdown(remote.info.to_dict())
     assert "local: the whole MoE in this process" in info_markdown(local.info.to_dict())
+
+
+def test_fine_tuning_reads_the_in_process_router_and_refuses_a_full_checkpoint(remote):
+    """The router that decides is here, so features (and a router trained on them) work; the
+    experts are not, so baking a full checkpoint is refused with the way to do it."""
+    from metis.finetune.data import Example
+    from metis.finetune.features import extract_features
+
+    examples = [Example(f"Name the shape ({i}).", (), "direct" if i % 2 else "think", i) for i in range(3)]
+    features = extract_features(remote, examples)
+    assert features.inputs.shape[:2] == (3, 1) and len(features.router) == 1  # the first MoE layer decides
+    remote.check_router(features.router)
+    with pytest.raises(NotImplementedError, match="holds only the router"):
+        remote.save_model(features.router, "out")

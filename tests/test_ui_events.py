@@ -113,14 +113,18 @@ def test_unreadable_image_is_a_clear_request_error(tmp_path):
 
 
 def test_settings_refuse_instead_of_clamping():
-    assert settings("Think", 0.3, 0, 64, 0, 1).mode == "think"
-    assert settings("auto", None, 0, 64, 0, 1).thinking_budget is None
+    def request(mode, threshold, max_new_tokens):
+        return settings(mode=mode, threshold=threshold, thinking_budget=0, max_new_tokens=max_new_tokens,
+                        temperature=0, top_p=1)
+
+    assert request("Think", 0.3, 64).mode == "think"
+    assert request("auto", None, 64).thinking_budget is None
     with pytest.raises(ValueError, match="threshold"):
-        settings("auto", 2, 0, 64, 0, 1)
+        request("auto", 2, 64)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        settings("auto", 0.5, 0, -5, 0, 1)
+        request("auto", 0.5, -5)
     with pytest.raises(ValueError, match="whole number"):
-        settings("auto", 0.5, 0, 12.5, 0, 1)
+        request("auto", 0.5, 12.5)
 
 
 def test_each_browser_session_gets_its_own_state():

@@ -67,14 +67,13 @@ def main(args: argparse.Namespace) -> int:
     from accelerate.utils import gather_object
 
     from ..serving.engine import Engine
-    from .export import save_model
 
     state = PartialState()
     engine = Engine.load(args.model, device=process_device(state))
     try:
         mine = process_features(engine, examples, args.cache_dir, state)
         features = Features.concat(gather_object([mine]))  # in process order: the examples' order
-        trainer = RouterTrainer(engine.model, features, settings)
+        trainer = RouterTrainer(features, settings)
         with tqdm(total=settings.epochs, desc="epochs", unit="ep") as bar:
             for m in trainer:
                 bar.set_postfix(loss=f"{m.train_loss:.3f}", val_acc=f"{m.val_accuracy:.3f}", auc=f"{m.val_auc:.3f}")
@@ -87,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     path = result.save(args.out)
     if args.save_model:
-        save_model(engine, result.router, args.save_model)
+        engine.save_model(result.router, args.save_model)
     s = result.summary
     print(f"router: {path}")
     print(f"validation accuracy {s['val_accuracy_before']:.3f} -> {s['val_accuracy_after']:.3f}, "

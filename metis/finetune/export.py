@@ -2,7 +2,7 @@
 
 A router file is a safetensors file of `...mlp.gate.weight` tensors under the model's own names,
 so it can be used per session (`Engine.stream(router=load_router(path))`), applied to a model for
-good (`apply_router`), or baked into a full checkpoint (`save_model`).
+good (`apply_router`), or baked into a full checkpoint (`Backend.save_model`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..modeling import GATE_SUFFIX, is_gate
 
 ROUTER_FILE = "router.safetensors"
 
@@ -28,8 +30,8 @@ def load_router(path: str | Path) -> dict[str, torch.Tensor]:
     """The gate tensors of a router file (a folder is read as its `router.safetensors`)."""
     path = Path(path)
     router = load_file(str(path / ROUTER_FILE if path.is_dir() else path))
-    if not router or not all(k.endswith("mlp.gate.weight") for k in router):
-        raise ValueError(f"{path} is not a router file: it must hold only '...mlp.gate.weight' tensors")
+    if not router or not all(is_gate(k) for k in router):
+        raise ValueError(f"{path} is not a router file: it must hold only '...{GATE_SUFFIX}' tensors")
     return router
 
 
@@ -46,14 +48,3 @@ def apply_router(model, router: dict[str, torch.Tensor]) -> None:
     """Load the gates into `model` for good."""
     check_router(model, router)
     model.load_state_dict(router, strict=False)
-
-
-def save_model(engine, router: dict[str, torch.Tensor], out: str | Path) -> Path:
-    """A full checkpoint (weights, tokenizer, image processor) with the router baked in; the
-    engine's own model keeps its router (others may be chatting with it)."""
-    out = Path(out)
-    check_router(engine.model, router)
-    engine.model.save_pretrained(out, state_dict={**engine.model.state_dict(), **router})
-    engine.tokenizer.save_pretrained(out)
-    engine.prompts.image_processor.save_pretrained(out)
-    return out

@@ -61,6 +61,16 @@ class EpochMetrics:
     seconds: float
 
 
+@dataclass(frozen=True)
+class BestEpoch:
+    """The epoch with the lowest validation loss so far: what `result()` returns and what early
+    stopping counts from (epoch 0: the gates as they were)."""
+
+    val_loss: float
+    weights: torch.Tensor = field(repr=False)  # GateStack.weight, [layers, experts, hidden]
+    epoch: int
+
+
 @dataclass
 class TrainResult:
     router: dict[str, torch.Tensor] = field(repr=False)  # opaque to UIs: hand it to the engine
@@ -110,15 +120,15 @@ def split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.T
 
 
 class RouterTrainer:
-    def __init__(self, model, features: Features, settings: TrainSettings | None = None,
+    def __init__(self, features: Features, settings: TrainSettings | None = None,
                  cancel: threading.Event | None = None, accelerator: Accelerator | None = None):
         self.settings = settings or TrainSettings()
         self.cancel = cancel or threading.Event()
         self.features = features
-        self.threshold = model.config.routing_threshold
-        self.think = model.config.thinking_expert
-        # the gates as extracted with the features, in layer order; the model's own weights are
-        # not read here (on ZeroGPU they live in the GPU process)
+        # the routing as extracted with the features (gates in layer order, thinking expert,
+        # threshold); the model itself is not read here (on ZeroGPU it lives in the GPU process)
+        self.threshold = features.threshold
+        self.think = features.thinking_expert
         self.names = list(features.router)
         self.dtype = next(iter(features.router.values())).dtype
         self.accelerator = accelerator or Accelerator()
@@ -134,7 +144,7 @@ class RouterTrainer:
         self.sizes = {"train": len(train_idx), "val": len(val_idx)}
         self.history: list[EpochMetrics] = []
         self.before = self._evaluate()
-        self.best = (self.before["loss"], self.gates.weight.detach().clone(), 0)
+        self.best = BestEpoch(self.before["loss"], self.gates.weight.detach().clone(), 0)
         self.seconds = 0.0
         self.cancelled = False
 
@@ -178,26 +188,26 @@ class RouterTrainer:
                 count += len(targets)
             val = self._evaluate()
             self.seconds += time.perf_counter() - start
-            if val["loss"] < self.best[0]:
-                self.best = (val["loss"], self.gates.weight.detach().clone(), epoch)
+            if val["loss"] < self.best.val_loss:
+                self.best = BestEpoch(val["loss"], self.gates.weight.detach().clone(), epoch)
             m = EpochMetrics(epoch, total / count, correct / count, val["loss"], val["accuracy"], val["auc"],
                              time.perf_counter() - start)
             self.history.append(m)
             yield m
-            if settings.patience and epoch - self.best[2] >= settings.patience:
+            if settings.patience and epoch - self.best.epoch >= settings.patience:
                 return
 
     def result(self) -> TrainResult:
         """The best epoch's router (lowest validation loss) and its metrics."""
         with torch.no_grad():
-            self.gates.weight.copy_(self.best[1])
+            self.gates.weight.copy_(self.best.weights)
         after = self._evaluate()
-        router = {name: w.to(self.dtype).cpu().contiguous() for name, w in zip(self.names, self.best[1])}
+        router = {name: w.to(self.dtype).cpu().contiguous() for name, w in zip(self.names, self.best.weights)}
         target = self.settings.target_ratio
         summary = {
             "examples": self.sizes,
             "threshold": self.threshold,
-            "best_epoch": self.best[2],
+            "best_epoch": self.best.epoch,
             "cancelled": self.cancelled,
             "val_loss_before": self.before["loss"],
             "val_accuracy_before": self.before["accuracy"],
@@ -217,10 +227,10 @@ class RouterTrainer:
         return TrainResult(router, self.settings, list(self.history), summary)
 
 
-def train_router(model, features: Features, settings: TrainSettings | None = None,
+def train_router(features: Features, settings: TrainSettings | None = None,
                  cancel: threading.Event | None = None, on_epoch=None) -> TrainResult:
     """Callback form of RouterTrainer: `on_epoch(EpochMetrics)` after each epoch."""
-    trainer = RouterTrainer(model, features, settings, cancel)
+    trainer = RouterTrainer(features, settings, cancel)
     for epoch in trainer:
         if on_epoch:
             on_epoch(epoch)

@@ -12,14 +12,20 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList, StopStringCriteria
 
 from ..budget import RequestLimits, fit, prompt_limit
 from ..explain import explain
+from ..finetune.data import Example
+from ..finetune.export import check_router
+from ..finetune.features import Features, feature_steps
+from ..loading import LoadedModel
 from ..prompting import Message, PromptBuilder, left_pad
 from ..routing import RoutingTrace
+from ..sizing import decode_tokens_per_s
 from ..streaming import (
     ANSWER_CLOSE,
     THINK_CLOSE,
@@ -34,18 +40,21 @@ from ..streaming import (
     Routed,
 )
 from .batch import Prefilled, Row, RowBudgets, RowEnd, RowStops, RowStreamer, StopRules, ThinkingBudget, generate_arguments
-from .interface import Answer, GenerationSettings, collect
+from .interface import Answer, GenerationSettings, ModelDescription, collect
 from .scheduler import BatchLimits, ModelSlot, Scheduler
+from .tuning import RouterProbe, save_checkpoint
 
 
 class Engine:
-    def __init__(self, model, tokenizer, image_processor, prompt_config=None, info=None,
-                 batch: BatchLimits | None = None):
+    available, error = True, None  # serving/interface.py: a loaded engine has no load error
+
+    def __init__(self, loaded: LoadedModel, batch: BatchLimits | None = None):
+        model, tokenizer = loaded.model, loaded.tokenizer
         self.model = model
         self.tokenizer = tokenizer
-        self.info = info
+        self.info = loaded.info
         self.prompts = PromptBuilder(
-            tokenizer, image_processor, prompt_config, system_prompt=model.config.system_prompt
+            tokenizer, loaded.image_processor, loaded.prompt_config, system_prompt=model.config.system_prompt
         )
         # control tokens never reach the text; the tags stay (single special tokens in small vocabularies)
         tags = {"<think>", "</think>", "<answer>", "</answer>"}
@@ -74,7 +83,26 @@ class Engine:
     def load(cls, spec: str | None = None, batch: BatchLimits | None = None, **kwargs) -> "Engine":
         from ..loading import load
 
-        return cls(*load(spec, **kwargs), batch=batch)
+        return cls(load(spec, **kwargs), batch=batch)
+
+    # -- what the UI shows and fine-tuning uses (serving/interface.py) ---------------------------
+    @property
+    def default_threshold(self) -> float:
+        return self.model.config.routing_threshold
+
+    def describe(self) -> ModelDescription:
+        info = self.info
+        return ModelDescription(info.to_dict() if info else {}, getattr(info, "attn_implementation", None),
+                                self.limits, self.batch, decode_tokens_per_s(info) if info else None)
+
+    def features(self, examples: list[Example], cache_dir: str | Path | None = None) -> Iterator[int | Features]:
+        return feature_steps(RouterProbe(self), examples, cache_dir)
+
+    def check_router(self, router: dict) -> None:
+        check_router(self.model, router)
+
+    def save_model(self, router: dict, out: str | Path) -> Path:
+        return save_checkpoint(self, router, out)
 
     # -- routing only -------------------------------------------------------------------------
     def route(self, messages: list[Message], mode: str = "auto", threshold: float | None = None,

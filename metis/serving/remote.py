@@ -2,8 +2,8 @@
 
 request -> prompt -> route (the exported router, in process: the full model's decision) -> the
 chosen expert's `/v1/chat/completions` (stream=True, images as data URLs) -> `reasoning_content`
-and `content` deltas -> the same events as the local engine (streaming.py). It offers the local
-`Engine`'s public methods, so the UI, the HTTP API and the CLI do not know which one serves.
+and `content` deltas -> the same events as the local engine (streaming.py). It implements the
+serving interface (interface.py), so the UI, the HTTP API and the CLI do not know which one serves.
 
 Servers differ in where the reasoning arrives: vLLM with `--reasoning-parser deepseek_r1` and
 `transformers serve` move `<think>…</think>` into `reasoning_content` (newer vLLM: `reasoning`);
@@ -18,12 +18,15 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import openai
 
 from ..export import load_router
+from ..finetune.data import Example
+from ..finetune.features import Features
 from .engine import Engine
-from .interface import Answer, GenerationSettings, collect
+from .interface import Answer, GenerationSettings, ModelDescription, collect
 from ..prompting import Message, strip_reasoning
 from ..routing import RoutingTrace
 from ..streaming import (
@@ -92,11 +95,12 @@ class RemoteEngine:
     """Routes with the router export, then streams the answer from the chosen expert's server."""
 
     concurrency = 32  # answers streamed at once: each waits on HTTP only, the pools batch their own
+    available, error = True, None
 
     def __init__(self, router: Engine, think: Endpoint, direct: Endpoint, policy: ClientPolicy | None = None,
                  router_path: str = "router"):
         self.router = router
-        self.model, self.tokenizer, self.prompts = router.model, router.tokenizer, router.prompts
+        self.prompts = router.prompts  # the system prompt the router saw goes to the servers too
         self.endpoints = {"think": think, "direct": direct}
         self.policy = policy or ClientPolicy()
         self.clients = {
@@ -111,7 +115,7 @@ class RemoteEngine:
             think_endpoint=self._describe(think),
             direct_endpoint=self._describe(direct),
             routing="once per query by the exported router (first MoE layer's gate), then one server answers",
-            params_router=self.model.num_parameters(),
+            params_router=router.model.num_parameters(),
             timeouts=f"connect {self.policy.connect_s:g} s, between chunks {self.policy.read_s:g} s, "
                      f"{self.policy.retries} retries before streaming",
         )
@@ -121,10 +125,31 @@ class RemoteEngine:
              direct_model: str | None = None, policy: ClientPolicy | None = None) -> "RemoteEngine":
         if not (router and think_url and direct_url):
             raise ValueError("the remote backend needs all three of --router, --think-url and --direct-url")
-        return cls(Engine(*load_router(router)), Endpoint(_v1(think_url), think_model),
+        return cls(Engine(load_router(router)), Endpoint(_v1(think_url), think_model),
                    Endpoint(_v1(direct_url), direct_model), policy, router_path=str(router))
 
-    # -- the Engine's interface ------------------------------------------------------------------
+    # -- the serving interface (serving/interface.py) --------------------------------------------
+    @property
+    def default_threshold(self) -> float:
+        return self.router.default_threshold
+
+    def describe(self) -> ModelDescription:
+        """The backend and its servers; attention and limits are the servers' own, unknown here."""
+        return ModelDescription(self.info.to_dict())
+
+    def features(self, examples: list[Example], cache_dir: str | Path | None = None) -> Iterator[int | Features]:
+        """The in-process router's features: its gate is the one that decides, so a router trained
+        on them routes this backend's queries."""
+        return self.router.features(examples, cache_dir)
+
+    def check_router(self, router: dict) -> None:
+        self.router.check_router(router)
+
+    def save_model(self, router: dict, out: str | Path) -> Path:
+        raise NotImplementedError(
+            "The remote backend holds only the router, not the experts, so it cannot write a full checkpoint. "
+            "Bake the router in with the local engine: python -m metis finetune --model CHECKPOINT --save-model DIR")
+
     def route(self, messages: list[Message], mode: str = "auto", threshold: float | None = None,
               router: dict | None = None) -> RoutingTrace:
         _check_supported(GenerationSettings(mode=mode, threshold=threshold))

@@ -17,13 +17,12 @@ CSS = """
 """
 
 
-def build_demo(engine_or_error) -> gr.Blocks:
-    """Blocks for an `Engine`, or for an exception/message when loading failed."""
-    if isinstance(engine_or_error, BaseException | str):
-        engine_or_error = UnavailableEngine(engine_or_error)
-    runner = Runner(engine_or_error)
-    info = engine_or_error.info.to_dict() if runner.available else None
-    threshold = engine_or_error.model.config.routing_threshold if runner.available else 0.5
+def build_demo(backend_or_error) -> gr.Blocks:
+    """Blocks for a backend (serving/interface.py), or for an exception/message when loading failed.
+    Everything below reads the backend through that interface only."""
+    backend = (UnavailableEngine(backend_or_error) if isinstance(backend_or_error, BaseException | str)
+               else backend_or_error)
+    runner = Runner(backend)
     # uploads and generated files: swept hourly once a day old, so a public server's disk stays bounded
     with gr.Blocks(title=TITLE, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(
@@ -31,23 +30,20 @@ def build_demo(engine_or_error) -> gr.Blocks:
             "step by step before answering, or to a **direct expert**, which answers at once. "
             "The panel on the right shows what the router saw and chose."
         )
-        if not runner.available:
-            gr.Markdown(f"⚠️ **The model could not be loaded**: {engine_or_error.error}",
+        if backend.error:
+            gr.Markdown(f"⚠️ **The model could not be loaded**: {backend.error}",
                         elem_classes="error-banner", elem_id="load-error")
         session = gr.State(Session())  # each browser session gets its own copy
         router = gr.State(None)  # per-session router weights; the fine-tuning tab may set them
         with gr.Tab("Chat"):
-            chat.build(runner, session, router, threshold)
+            chat.build(runner, session, router, backend.default_threshold)
         with gr.Tab("Compare experts"):
             compare.build(runner, session, router)
-        if runner.available:
+        if backend.available:
             from .finetune import build_finetune_tab
 
             with gr.Tab("Fine-tune router"):
-                build_finetune_tab(engine_or_error, router, runner)
+                build_finetune_tab(runner, router)
         with gr.Tab("Model"):
-            # a remote backend's limits are its servers' own, so only a local engine reports them
-            local = runner.available and hasattr(engine_or_error, "limits")
-            model_tab.build(info, None if runner.available else engine_or_error.error,
-                            engine_or_error.limits if local else None, engine_or_error.batch if local else None)
+            model_tab.build(backend.describe(), backend.error)
     return demo

@@ -4,6 +4,7 @@ it, and the `/chat` and `/route` API endpoints."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, fields
 from functools import partial
 
 import gradio as gr
@@ -76,39 +77,72 @@ def add_turn(message: dict, history: list, state: Session):
         gr.MultimodalTextbox(value=None, interactive=False)
 
 
-def respond(runner: Runner, history: list, mode, threshold, budget, max_new_tokens, temperature, top_p,
-            state: Session, router_value):
+@dataclass(frozen=True)
+class ChatOutputs:
+    """What `respond` updates, made unrendered: handlers key their updates by these components
+    (a Gradio dict update leaves the others as they are) and `build` places them in the layout."""
+
+    chatbot: gr.Chatbot
+    routing_plot: gr.Plot
+    stats: gr.Markdown
+    history_plot: gr.Plot
+    why: gr.HighlightedText
+    why_image: gr.Image
+
+    @classmethod
+    def create(cls) -> "ChatOutputs":
+        return cls(
+            chatbot=gr.Chatbot(
+                label="Chat", height=540, latex_delimiters=LATEX_DELIMITERS, buttons=["copy", "copy_all"],
+                placeholder="**Ask about an image.** The router picks the thinking or the direct expert.",
+                elem_id="chat", render=False,
+            ),
+            routing_plot=gr.Plot(routing_figure(None), show_label=False, elem_id="routing-plot", render=False),
+            stats=gr.Markdown(stats_markdown(None, None, Session()), render=False),
+            history_plot=gr.Plot(history_figure([]), show_label=False, render=False),
+            why=gr.HighlightedText(label="Why: each word's push toward think (+) or direct (−)",
+                                   show_legend=True, elem_id="why-words", render=False),
+            why_image=gr.Image(label="Why: the image's push (purple think, teal direct)", type="pil",
+                               interactive=False, height=180, elem_id="why-image", render=False),
+        )
+
+    def components(self) -> list[gr.components.Component]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+
+def respond(runner: Runner, out: ChatOutputs, history: list, mode, threshold, budget, max_new_tokens, temperature,
+            top_p, state: Session, router_value):
     """Stream the answer to the last user message into the chat, then the router view's
     stats and session figure. Errors become an error message in the chat."""
-    skip = gr.skip()
     if not history or history[-1]["role"] != "user":
-        yield history, skip, skip, skip, skip, skip
+        yield {out.chatbot: history}
         return
     try:
-        request = settings(mode, threshold, budget, max_new_tokens, temperature, top_p)
+        request = settings(mode=mode, threshold=threshold, thinking_budget=budget, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p)
         messages = to_messages(history)
         plotted = False
         for turn in runner.answer(messages, request, router_value, state.cancel):
-            if turn.trace is not None and not plotted:
+            update = {out.chatbot: history + turn.messages()}
+            if turn.trace is not None and not plotted:  # the router's view comes with the first tokens
                 plotted = True
                 images = [image for m in messages for image in m.images]
-                yield (history + turn.messages(), routing_figure(turn.trace), skip, skip,
-                       question_scores(turn.trace), last_image_heatmap(turn.trace, images))
-            else:
-                yield history + turn.messages(), skip, skip, skip, skip, skip
+                update |= {out.routing_plot: routing_figure(turn.trace), out.why: question_scores(turn.trace),
+                           out.why_image: last_image_heatmap(turn.trace, images)}
+            yield update
     except USER_ERRORS as exc:
-        yield history + [error_message(str(exc))], skip, skip, skip, skip, skip
+        yield {out.chatbot: history + [error_message(str(exc))]}
         return
     except Exception as exc:  # the app keeps serving; the log has the traceback
         log.exception("chat request failed")
-        yield history + [error_message(f"Internal error: {type(exc).__name__}: {exc}")], skip, skip, skip, skip, skip
+        yield {out.chatbot: history + [error_message(f"Internal error: {type(exc).__name__}: {exc}")]}
         return
     if turn.stopped:
-        yield skip, skip, "*Stopped: this answer's timings were not recorded.*", skip, skip, skip
+        yield {out.stats: "*Stopped: this answer's timings were not recorded.*"}
         return
     if turn.error is None:
         state.record(turn.trace, turn.stats)
-    yield skip, skip, stats_markdown(turn.trace, turn.stats, state), history_figure(state.records), skip, skip
+    yield {out.stats: stats_markdown(turn.trace, turn.stats, state), out.history_plot: history_figure(state.records)}
 
 
 def retry_turn(history: list, state: Session):
@@ -128,13 +162,10 @@ def clear_chat(state: Session):
 
 
 def build(runner: Runner, session: gr.State, router: gr.State, threshold: float) -> None:
+    out = ChatOutputs.create()
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            chatbot = gr.Chatbot(
-                label="Chat", height=540, latex_delimiters=LATEX_DELIMITERS, buttons=["copy", "copy_all"],
-                placeholder="**Ask about an image.** The router picks the thinking or the direct expert.",
-                elem_id="chat",
-            )
+            chatbot = out.chatbot.render()
             textbox = gr.MultimodalTextbox(
                 file_types=["image"], file_count="multiple", show_label=False, elem_id="ask",
                 placeholder="Type a question, attach one or more images, press Enter",
@@ -148,28 +179,23 @@ def build(runner: Runner, session: gr.State, router: gr.State, threshold: float)
             for label, examples in EXAMPLES.items():
                 gr.Examples(examples=[[e] for e in examples], inputs=[textbox], label=label)
         with gr.Column(scale=2, elem_id="router-view"):
-            routing_plot = gr.Plot(routing_figure(None), show_label=False, elem_id="routing-plot")
-            why = gr.HighlightedText(label="Why: each word's push toward think (+) or direct (−)",
-                                     show_legend=True, elem_id="why-words")
-            why_image = gr.Image(label="Why: the image's push (purple think, teal direct)", type="pil",
-                                 interactive=False, height=180, elem_id="why-image")
-            stats = gr.Markdown(stats_markdown(None, None, Session()))
-            history_plot = gr.Plot(history_figure([]), show_label=False)
+            for component in (out.routing_plot, out.why, out.why_image, out.stats, out.history_plot):
+                component.render()
 
     answer_inputs = [chatbot, *controls, session, router]
-    answer_outputs = [chatbot, routing_plot, stats, history_plot, why, why_image]
     unlock = dict(fn=lambda: gr.MultimodalTextbox(interactive=True), outputs=textbox, api_visibility="private")
     answering = []
     for trigger, first, first_inputs in ((textbox.submit, add_turn, [textbox, chatbot, session]),
                                          (retry.click, retry_turn, [chatbot, session])):
         event = trigger(first, first_inputs, [chatbot, textbox], queue=False, api_visibility="private").then(
-            partial(respond, runner), answer_inputs, answer_outputs, concurrency_id="model", api_visibility="private",
-            show_progress="hidden",
+            partial(respond, runner, out), answer_inputs, out.components(), concurrency_id="model",
+            api_visibility="private", show_progress="hidden",
         )
         answering.append(event)
         event.then(**unlock)
     stop.click(stop_answer, session, None, queue=False, api_visibility="private")
-    clear.click(clear_chat, session, [chatbot, textbox, routing_plot, why, why_image], queue=False, cancels=answering,
+    clear.click(clear_chat, session, [chatbot, textbox, out.routing_plot, out.why, out.why_image], queue=False,
+                cancels=answering,
                 api_visibility="private")
 
     # -- API: no trigger in the page; the same components give parameter types and defaults --
@@ -178,7 +204,8 @@ def build(runner: Runner, session: gr.State, router: gr.State, threshold: float)
         """Answer one question (text + images). Streams the chat messages: a thinking message
         (metadata title/status/duration) or a "answered directly" note, then the answer."""
         try:
-            request = settings(mode, threshold, thinking_budget, max_new_tokens, temperature, top_p)
+            request = settings(mode=mode, threshold=threshold, thinking_budget=thinking_budget,
+                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
             messages = api_messages(message)
             for turn in runner.answer(messages, request, router_value):
                 yield turn.messages()
@@ -196,7 +223,7 @@ def build(runner: Runner, session: gr.State, router: gr.State, threshold: float)
             threshold = values.number("threshold", threshold, optional=True)
             trace = runner.route(messages, values.mode(mode), threshold, router_value).to_dict()
             # a remote backend's attention runs on its servers: null here
-            return {**trace, "attn_implementation": getattr(runner.engine.info, "attn_implementation", None)}
+            return {**trace, "attn_implementation": runner.backend.describe().attn_implementation}
         except USER_ERRORS as exc:
             raise gr.Error(str(exc)) from None
 

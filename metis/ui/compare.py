@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import gradio as gr
 
 from ..streaming import GenerationStats
@@ -27,6 +29,24 @@ def summary(think: GenerationStats, direct: GenerationStats) -> str:
     return f"The direct expert used **{tokens}** and was **{think.total_s / direct.total_s:.1f}× faster** on this question."
 
 
+@dataclass(frozen=True)
+class ExpertColumn:
+    """One expert's side of the comparison."""
+
+    answer: gr.Markdown
+    reasoning: gr.Markdown
+    stats: gr.Markdown
+
+    def show(self, turn) -> dict:
+        """This column's updates for a `ChatTurn` so far."""
+        shown = readable_math(turn.answer) + ("\n\n*(stopped)*" if turn.stopped else "")
+        return {self.answer: shown, self.reasoning: readable_math(turn.reasoning) or "*(none)*",
+                self.stats: turn.error or stats_line(turn.stats)}
+
+    def blank(self) -> dict:
+        return {self.answer: "", self.reasoning: "", self.stats: ""}
+
+
 def build(runner: Runner, session: gr.State, router: gr.State) -> None:
     gr.Markdown("Ask once; the question goes to the thinking expert, then to the direct expert.")
     textbox = gr.MultimodalTextbox(file_types=["image"], file_count="multiple", show_label=False,
@@ -34,37 +54,37 @@ def build(runner: Runner, session: gr.State, router: gr.State) -> None:
     with gr.Row():
         max_new_tokens = gr.Slider(1, 16384, value=1024, step=1, label="Max new tokens")
         stop = gr.Button("⏹ Stop", variant="stop", scale=0)
-    outputs = []
+    columns: dict[str, ExpertColumn] = {}
     with gr.Row():
-        for _, title in EXPERTS:
+        for mode, title in EXPERTS:
             with gr.Column():
                 gr.Markdown(f"### {title}")
                 answer = gr.Markdown(latex_delimiters=LATEX_DELIMITERS, min_height=60)
                 with gr.Accordion("Reasoning", open=False):
                     reasoning = gr.Markdown(latex_delimiters=LATEX_DELIMITERS)
-                outputs += [answer, reasoning, gr.Markdown()]
+                columns[mode] = ExpertColumn(answer, reasoning, gr.Markdown())
     verdict = gr.Markdown()
 
     def compare(message: dict, max_tokens: float, state: Session, router_value):
         cancel = state.new_turn()
-        blank = [""] * len(outputs)
+        shown = {k: v for column in columns.values() for k, v in column.blank().items()}
         try:
             messages = to_messages(user_bubbles(message.get("text", ""), message.get("files", [])))
             finished = []
-            for i, (mode, _) in enumerate(EXPERTS):
-                request = settings(mode, None, None, max_tokens, 0.0, 1.0)
+            for mode, column in columns.items():
+                request = settings(mode=mode, threshold=None, thinking_budget=None, max_new_tokens=max_tokens,
+                                   temperature=0.0, top_p=1.0)
                 for turn in runner.answer(messages, request, router_value, cancel):
-                    shown = readable_math(turn.answer) + ("\n\n*(stopped)*" if turn.stopped else "")
-                    blank[3 * i : 3 * i + 3] = [shown, readable_math(turn.reasoning) or "*(none)*",
-                                                 turn.error or stats_line(turn.stats)]
-                    yield *blank, ""
+                    shown |= column.show(turn)
+                    yield {**shown, verdict: ""}
                 if turn.stopped or turn.stats is None:
                     return
                 finished.append(turn.stats)
-            yield *blank, summary(*finished)
+            yield {**shown, verdict: summary(*finished)}
         except USER_ERRORS as exc:
-            yield *blank, f"⚠️ {exc}"
+            yield {**shown, verdict: f"⚠️ {exc}"}
 
+    outputs = [c for column in columns.values() for c in column.blank()]
     textbox.submit(compare, [textbox, max_new_tokens, session, router], [*outputs, verdict],
                    concurrency_id="model", api_visibility="private", show_progress="minimal")
     stop.click(lambda state: state.cancel.set(), session, None, queue=False, api_visibility="private")

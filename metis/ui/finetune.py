@@ -12,6 +12,7 @@ import contextlib
 import logging
 import tempfile
 import threading
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import gradio as gr
@@ -77,19 +78,48 @@ def confusion_rows(s: dict) -> list[list]:
             for key in s["confusion_after"]]
 
 
-def _unchanged() -> tuple:
-    """Updates leaving the six outputs after the status as they are."""
-    return (gr.update(),) * 6
+@dataclass(frozen=True)
+class FinetuneOutputs:
+    """What a run updates, made unrendered: the handlers key their updates by these components
+    (a Gradio dict update leaves the others as they are) and the layout places them."""
+
+    status: gr.Markdown
+    curves: gr.Plot
+    summary: gr.Markdown
+    sweep: gr.Plot
+    confusion: gr.Dataframe
+    result: gr.State  # the TrainResult, opaque here
+    download: gr.DownloadButton
+
+    @classmethod
+    def create(cls) -> "FinetuneOutputs":
+        return cls(
+            status=gr.Markdown(render=False),
+            curves=gr.Plot(label="Training curves", render=False),
+            summary=gr.Markdown(render=False),
+            sweep=gr.Plot(label="Threshold sweep (validation)", render=False),
+            confusion=gr.Dataframe(headers=["label → routed", "before", "after"], label="Confusion (validation)",
+                                   interactive=False, render=False),
+            result=gr.State(None, render=False),
+            download=gr.DownloadButton("Download router", visible=False, render=False),
+        )
+
+    def components(self) -> list:
+        return [getattr(self, f.name) for f in fields(self)]
 
 
 class FinetuneTab:
     """Handlers of the tab; `cancels` maps a browser session to its run's cancel event. The model
-    is reached through the same `Runner` as chat, so on ZeroGPU feature extraction runs on the GPU."""
+    is reached through the same `Runner` as chat, so on ZeroGPU feature extraction runs on the GPU.
+    Every update is a dict keyed by `out`'s components."""
 
-    def __init__(self, engine, runner: Runner | None = None):
-        self.engine = engine
-        self.runner = runner or Runner(engine)
+    def __init__(self, runner: Runner):
+        self.runner = runner
+        self.out = FinetuneOutputs.create()
         self.cancels: dict[str, threading.Event] = {}
+
+    def _status(self, text: str) -> dict:
+        return {self.out.status: text}
 
     def enqueue(self, request: gr.Request) -> str:
         """Runs at click time, ahead of the queue, so Cancel reaches a run that is still waiting."""
@@ -98,14 +128,13 @@ class FinetuneTab:
 
     def start(self, files, use_sample, epochs, lr, batch_size, val_fraction, seed, patience, target_ratio,
               request: gr.Request, progress=gr.Progress()):
-        """Generator of (status, curves, summary, sweep, confusion, result, download) updates."""
-        nothing = _unchanged()
+        """Generator of updates keyed by `self.out`'s components."""
         # the run's one folder (its uploads, then its router file) is removed when the run ends, however
         # it ends; Gradio has copied the router file to its own cache by the time the generator resumes
         with self._registered(request.session_hash) as cancel, \
                 tempfile.TemporaryDirectory(prefix="metis-finetune-run-") as folder:
             if cancel.is_set():
-                yield ("Cancelled before it started.", *nothing)
+                yield self._status("Cancelled before it started.")
                 return
             try:
                 settings = TrainSettings(epochs=int(epochs), lr=float(lr), batch_size=int(batch_size),
@@ -119,17 +148,17 @@ class FinetuneTab:
                     raise DatasetError(["upload a dataset (.jsonl/.csv with its images, or a zip) or tick the sample"])
                 examples = load_dataset(data)
             except DatasetError as exc:
-                yield ("### The dataset cannot be used\n" + "\n".join(f"- {p}" for p in exc.problems), *nothing)
+                yield self._status("### The dataset cannot be used\n" + "\n".join(f"- {p}" for p in exc.problems))
                 return
             except ValueError as exc:
-                yield (f"### Invalid settings\n{exc}", *nothing)
+                yield self._status(f"### Invalid settings\n{exc}")
                 return
             try:
                 yield from self._run(examples, settings, cancel, progress, Path(folder) / "router")
             except Exception as exc:  # the server and the chat's router carry on as they were
                 log.exception("fine-tuning run failed")
-                yield (f"### The run failed\n{type(exc).__name__}: {exc}\n\nThe chat's router is unchanged.",
-                       *nothing)
+                yield self._status(f"### The run failed\n{type(exc).__name__}: {exc}\n\n"
+                                   "The chat's router is unchanged.")
 
     @contextlib.contextmanager
     def _registered(self, session: str):
@@ -141,25 +170,26 @@ class FinetuneTab:
             self.cancels.pop(session, None)
 
     def _run(self, examples, settings: TrainSettings, cancel: threading.Event, progress, out: Path):
-        nothing = _unchanged()
-        yield (f"Extracting router features of {len(examples)} queries…", *nothing)
+        yield self._status(f"Extracting router features of {len(examples)} queries…")
         try:
             features = collect_features(
                 self.runner.features(examples), len(examples), cancel=cancel,
                 progress=lambda i, n: progress((i, n), desc="features (one prefill per query)"))
         except Cancelled:
-            yield ("Cancelled.", *nothing)
+            yield self._status("Cancelled.")
             return
-        trainer = RouterTrainer(self.engine.model, features, settings, cancel)
+        trainer = RouterTrainer(features, settings, cancel)
+        o = self.out
         for m in progress.tqdm(trainer, total=settings.epochs, desc="epochs"):
-            status = f"Epoch {m.epoch}/{settings.epochs}: validation accuracy {m.val_accuracy:.1%}"
-            yield (status, curves_figure(trainer.history), *nothing[1:])
+            yield {o.status: f"Epoch {m.epoch}/{settings.epochs}: validation accuracy {m.val_accuracy:.1%}",
+                   o.curves: curves_figure(trainer.history)}
         result = trainer.result()
         s = result.summary
         router_file = result.save(out)
-        status = "Cancelled: showing the best epoch so far." if s["cancelled"] else "Done."
-        yield (status, curves_figure(result.history), summary_markdown(s), sweep_figure(s["threshold_sweep"]),
-               confusion_rows(s), result, gr.update(value=str(router_file), visible=True))
+        yield {o.status: "Cancelled: showing the best epoch so far." if s["cancelled"] else "Done.",
+               o.curves: curves_figure(result.history), o.summary: summary_markdown(s),
+               o.sweep: sweep_figure(s["threshold_sweep"]), o.confusion: confusion_rows(s), o.result: result,
+               o.download: gr.update(value=str(router_file), visible=True)}
 
     def cancel(self, request: gr.Request) -> str:
         event = self.cancels.get(request.session_hash)
@@ -176,9 +206,10 @@ class FinetuneTab:
         return result.router, "The chat tab now uses the fine-tuned router (this browser session only)."
 
 
-def build_finetune_tab(engine, session_router: gr.State, runner: Runner | None = None) -> FinetuneTab:
+def build_finetune_tab(runner: Runner, session_router: gr.State) -> FinetuneTab:
     """Lay the tab's components out in the current Blocks/Tab context and wire the handlers."""
-    tab = FinetuneTab(engine, runner)
+    tab = FinetuneTab(runner)
+    o = tab.out
     gr.Markdown("Fine-tune only the **router** on labelled queries (`think` or `direct`); the experts stay "
                 "frozen. Upload a `.jsonl`/`.csv` (columns `text`, `images`, `label`) with its images, or "
                 "a zip of its folder.")
@@ -194,24 +225,22 @@ def build_finetune_tab(engine, session_router: gr.State, runner: Runner | None =
     with gr.Row():
         start = gr.Button("Start", variant="primary")
         stop = gr.Button("Cancel", variant="stop")
-    status = gr.Markdown()
-    curves = gr.Plot(label="Training curves")
-    summary = gr.Markdown()
+    for component in (o.status, o.curves, o.summary):
+        component.render()
     with gr.Row():
-        sweep = gr.Plot(label="Threshold sweep (validation)")
-        confusion = gr.Dataframe(headers=["label → routed", "before", "after"], label="Confusion (validation)",
-                                 interactive=False)
-    result = gr.State(None)
+        o.sweep.render()
+        o.confusion.render()
+    o.result.render()
     with gr.Row():
         use = gr.Button("Use in chat")
-        download = gr.DownloadButton("Download router", visible=False)
+        o.download.render()
     s = sliders
-    start.click(tab.enqueue, None, status, queue=False).then(
+    start.click(tab.enqueue, None, o.status, queue=False).then(
                 tab.start,
                 [files, use_sample, s["epochs"], s["lr"], s["batch_size"], s["val_fraction"], seed, s["patience"],
                  s["target_ratio"]],
-                [status, curves, summary, sweep, confusion, result, download],
+                o.components(),
                 concurrency_limit=1, concurrency_id="finetune", show_progress="full")
-    stop.click(tab.cancel, None, status, queue=False)
-    use.click(tab.use_in_chat, result, [session_router, status])
+    stop.click(tab.cancel, None, o.status, queue=False)
+    use.click(tab.use_in_chat, o.result, [session_router, o.status])
     return tab

@@ -1,8 +1,10 @@
-"""What is loaded: which backend serves, checkpoint, device, sizes and how it routes (engine.info)."""
+"""What is loaded: which backend serves, checkpoint, device, sizes and how it routes (`describe()`)."""
 
 from __future__ import annotations
 
 import gradio as gr
+
+from ..serving.interface import ModelDescription
 
 LOCAL_BACKEND = "local: the whole MoE in this process"
 LABELS = {
@@ -56,10 +58,12 @@ def limits_markdown(limits, batch=None) -> str:
     return text
 
 
-def build(info: dict | None, error: str | None, limits=None, batch=None) -> None:
-    gr.Markdown(info_markdown(info, error))
-    if limits is not None:
-        gr.Markdown(limits_markdown(limits, batch))
+def build(description: ModelDescription | None, error: str | None) -> None:
+    """`description` None: nothing loaded, and `error` says why. Limits are shown only where the
+    backend reports them (a remote backend's are its servers' own)."""
+    gr.Markdown(info_markdown(description and description.info, error))
+    if description is not None and description.limits is not None:
+        gr.Markdown(limits_markdown(description.limits, description.batch))
     gr.Markdown(
         "Metis-HOME duplicates only the feed-forward layers of Qwen2.5-VL into a **thinking** and a "
         "**direct** expert; attention, embeddings and the vision tower are shared. A router looks at "

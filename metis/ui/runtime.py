@@ -14,12 +14,11 @@ import time
 from collections.abc import Callable, Iterator
 
 from ..finetune.data import Example
-from ..finetune.features import Features, feature_steps
+from ..finetune.features import Features
 from ..serving.interface import GenerationSettings
 from ..loading import zero_gpu
 from ..prompting import Message
 from ..routing import RoutingTrace
-from ..sizing import decode_tokens_per_s
 from ..streaming import AnswerDelta, Progress, ReasoningDelta
 from .events import ChatTurn
 from .values import settings  # noqa: F401  (where the tabs and tests take it from)
@@ -35,18 +34,23 @@ USER_ERRORS = (ValueError, ModelUnavailable)  # bad settings/requests (PromptErr
 
 
 class UnavailableEngine:
-    """Stands in for an engine that failed to load, so the app still starts and every request
-    answers with the one load error."""
+    """The serving interface (serving/interface.py) of an engine that failed to load, so the app
+    still starts and every request answers with the one load error."""
 
-    info = None
+    available = False
+    concurrency = 1
+    default_threshold = 0.5  # the threshold slider's start when no model says otherwise
 
     def __init__(self, error: BaseException | str):
         self.error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
 
-    def stream(self, *args, **kwargs):
+    def describe(self) -> None:
+        return None
+
+    def _refuse(self, *args, **kwargs):
         raise ModelUnavailable(f"The model is not loaded: {self.error}")
 
-    route = stream
+    stream = route = run = features = check_router = save_model = _refuse
 
 
 def gpu(duration: Callable[..., int]):
@@ -73,28 +77,35 @@ def feature_seconds(examples: int) -> int:
     return int(min(300, 30 + examples))
 
 
-class Runner:
-    """The engine as the UI uses it. The GPU-decorated methods take only picklable arguments
-    (ZeroGPU runs them in another process); Stop is therefore checked here, between events,
-    and ends the answer by closing the stream, which stops the engine's worker."""
+def answer_seconds(backend, settings: GenerationSettings) -> int:
+    """GPU time to reserve for one answer of `backend`; 20 s where it knows no decode rate (nothing
+    loaded: the request is refused at once)."""
+    description = backend.describe()
+    rate = description.decode_tokens_per_s if description else None
+    return gpu_seconds(settings.max_new_tokens, rate) if rate else 20
 
-    def __init__(self, engine):
-        self.engine = engine
-        self.available = not isinstance(engine, UnavailableEngine)
+
+class Runner:
+    """The backend as the UI uses it, through the serving interface only (serving/interface.py).
+    The GPU-decorated methods take only picklable arguments (ZeroGPU runs them in another
+    process); Stop is therefore checked here, between events, and ends the answer by closing the
+    stream, which stops the engine's worker."""
+
+    def __init__(self, backend):
+        self.backend = backend
 
         # asked only on ZeroGPU, where a local engine runs (a remote one never reaches `spaces.GPU`)
-        @gpu(duration=lambda messages, settings, router=None: gpu_seconds(settings.max_new_tokens,
-                                                                           decode_tokens_per_s(engine.info)))
+        @gpu(duration=lambda messages, settings, router=None: answer_seconds(backend, settings))
         def events(messages: list[Message], settings: GenerationSettings, router=None):
-            yield from engine.stream(messages, settings, router=router)
+            yield from backend.stream(messages, settings, router=router)
 
         @gpu(duration=lambda *args, **kwargs: 20)
         def route(messages: list[Message], mode: str, threshold: float | None, router=None) -> RoutingTrace:
-            return engine.route(messages, mode, threshold, router=router)
+            return backend.route(messages, mode, threshold, router=router)
 
         @gpu(duration=lambda examples, cache_dir=None: feature_seconds(len(examples)))
         def features(examples: list[Example], cache_dir: str | None = None) -> Iterator[int | Features]:
-            yield from feature_steps(engine, examples, cache_dir)
+            yield from backend.features(examples, cache_dir)
 
         self.events, self.route, self.features = events, route, features
 

@@ -53,12 +53,16 @@ def mode(value) -> str:
     return value.strip().lower()
 
 
-def settings(mode_value, threshold, thinking_budget, max_new_tokens, temperature, top_p) -> GenerationSettings:
+_mode = mode  # `settings` names its keyword `mode`
+
+
+def settings(*, mode: object, threshold, thinking_budget, max_new_tokens, temperature, top_p) -> GenerationSettings:
     """The generation settings of a request, checked field by field, then against the library's
-    ranges. `threshold=None` is the model's own threshold; `thinking_budget` 0 or None is none."""
+    ranges. `threshold=None` is the model's own threshold; `thinking_budget` 0 or None is none.
+    Keyword-only: six loose values are easy to pass in the wrong order."""
     budget = integer("thinking_budget", thinking_budget, optional=True)
     return GenerationSettings(
-        mode=mode(mode_value),
+        mode=_mode(mode),
         threshold=number("threshold", threshold, optional=True),
         max_new_tokens=integer("max_new_tokens", max_new_tokens),
         thinking_budget=budget or None,
