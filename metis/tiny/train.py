@@ -235,7 +235,8 @@ def main(argv=None):
     ap.add_argument("--quick-val", type=int, default=64, help="val samples in periodic checks")
     ap.add_argument("--final-val", type=int, default=200)
     ap.add_argument("--calibration", type=int, default=400, help="val questions per source for calibration")
-    ap.add_argument("--router-minutes", type=float, default=4.0, help="budget of the router stage (router_stage.py); 0 skips it")
+    ap.add_argument("--router-minutes", type=float, default=4.0,
+                    help="budget of the router stage (router_stage.py); 0 skips it")
     ap.add_argument("--router-examples", type=int, default=3000, help="train-pool questions per source, router stage")
     ap.add_argument("--smoke", action="store_true", help="a few steps per stage into --out, for tests")
     args = ap.parse_args(argv)
