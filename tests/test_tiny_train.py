@@ -30,6 +30,8 @@ def test_smoke_run_writes_loadable_checkpoint_and_resumes(tmp_path):
     assert report["stage1"]["steps"] == 3 and report["stage2"]["steps"] == 3
     assert {"acc_direct", "acc_reasoning", "router_acc"} <= report["final_val"].keys()
     assert {"temperature", "ece_before", "ece_after"} <= report["calibration"].keys()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert report["router_stage"]["temperature"] == config["router_temperature"]
     assert sum(f.stat().st_size for f in tmp_path.iterdir() if f.is_file()) < 40e6
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
     assert (state["stage"], state["step"]) == (2, 3)

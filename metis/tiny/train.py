@@ -4,7 +4,9 @@ Stage 1 trains a dense Qwen2.5-VL from scratch to always think (`<think>chain</t
 the stand-in for the RL-trained dense reasoning model. Stage 2 upcycles it into the two-expert
 model and trains both experts and the routers at once: reasoning questions go through the thinking
 expert with the chain, direct questions through the direct expert with an empty chain, and every
-MoE layer's pooled gate learns to predict that label.
+MoE layer's pooled gate learns to predict that label. A last router stage (`router_stage.py`, a few
+minutes) re-fits only the gates on many train-pool questions and keeps the router that routes the
+val pools best.
 
     python -m metis.tiny.train --out assets/metis-home-tiny --minutes 45
 """
@@ -27,7 +29,7 @@ from tqdm import tqdm
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from metis.modeling import MetisHomeForConditionalGeneration
-from metis.tiny import world
+from metis.tiny import router_stage, world
 from metis.tiny.data import MODEL_INPUTS, Encoder, Mix, Stream, collate, lm_loss
 from metis.tiny.validation import calibrate, check_padding, evaluate, image_spread
 from metis.tiny.tokenizer import build_image_processor, build_tokenizer
@@ -233,12 +235,16 @@ def main(argv=None):
     ap.add_argument("--quick-val", type=int, default=64, help="val samples in periodic checks")
     ap.add_argument("--final-val", type=int, default=200)
     ap.add_argument("--calibration", type=int, default=400, help="val questions per source for calibration")
+    ap.add_argument("--router-minutes", type=float, default=4.0,
+                    help="budget of the router stage (router_stage.py); 0 skips it")
+    ap.add_argument("--router-examples", type=int, default=3000, help="train-pool questions per source, router stage")
     ap.add_argument("--smoke", action="store_true", help="a few steps per stage into --out, for tests")
     args = ap.parse_args(argv)
     if args.smoke:
         args.steps1 = args.steps1 or 3
         args.steps2 = args.steps2 or 3
         args.batch_size, args.warmup, args.quick_val, args.final_val, args.calibration = 4, 2, 8, 8, 8
+        args.router_examples, args.router_minutes = 8, 0.1
         args.out = args.out or tempfile.mkdtemp(prefix="metis-tiny-")
     elif not args.out:
         ap.error("--out is required")
@@ -278,7 +284,8 @@ def main(argv=None):
         model = upcycle(dense, thinking_expert=0, system_prompt=world.SYSTEM_PROMPT)
         del dense
     print(f"Metis-HOME model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    budget = total * (1 - args.stage1_share) - 120  # two minutes for calibration and the final val
+    # two minutes for calibration and the final val, then the router stage
+    budget = total * (1 - args.stage1_share) - 120 - args.router_minutes * 60
     s2 = train_stage("stage2-moe", model, enc, args, 2, budget, args.steps2, args.lr2, val, ckpt, resume, report)
     report["stage2"] = s2
     report["calibration"] = calibrate(model, enc, args.calibration)
@@ -295,6 +302,10 @@ def main(argv=None):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     image_processor.save_pretrained(out)
+    if args.router_minutes > 0:
+        report["router_stage"] = router_stage.run(out, out, args.router_minutes, args.router_examples,
+                                                  args.calibration, args.seed)
+        print(f"router stage: val agreement {json.dumps(report['router_stage']['val_agreement_after'])}")
     report["total_seconds"] = round(time.time() - t0, 1)
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"saved to {out} in {report['total_seconds'] / 60:.1f} min")
