@@ -165,6 +165,14 @@ class OutputParser:
             out.append(AnswerDelta(text))
 
 
+def parse_output(text: str) -> tuple[str, str, bool]:
+    """A whole output at once: (reasoning, answer, whether `</answer>` closed it)."""
+    parser = OutputParser()
+    events = parser.feed(text) + parser.finish()
+    reasoning = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
+    return reasoning, "".join(e.text for e in events if isinstance(e, AnswerDelta)), parser.closed
+
+
 class IncrementalDecoder:
     """Token ids -> the new text of each token, never half of a multi-byte character
     (`tokenizers`' DecodeStream: nothing is re-decoded). Control tokens show nothing."""

@@ -5,7 +5,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from metis.generation import Engine
+from metis.serving.engine import Engine
 from metis.tiny import router_stage
 
 

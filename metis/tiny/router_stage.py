@@ -30,6 +30,7 @@ from metis.finetune.data import Example
 from metis.finetune.export import apply_router
 from metis.finetune.features import Features, extract_features
 from metis.finetune.trainer import RouterTrainer, TrainSettings
+from metis.routing import expert_index
 from metis.tiny import corpus, world
 from metis.tiny.data import picture
 
@@ -95,7 +96,7 @@ def build_examples(pool: str, n: int, folder: Path, seed: int = 0) -> tuple[list
 def margins(features: Features, gates: torch.Tensor, think: int) -> torch.Tensor:
     """Pooled think-minus-direct margin of the deciding (first MoE) layer's gate, per example."""
     logits = features.inputs[:, 0] @ gates[0].float().T
-    return logits[:, think] - logits[:, 1 - think]
+    return logits[:, expert_index("think", think)] - logits[:, expert_index("direct", think)]
 
 
 def agreement(m: torch.Tensor, labels: torch.Tensor, sources: list[str]) -> dict:
@@ -110,13 +111,13 @@ def stacked(router: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([w.float() for w in router.values()])
 
 
-def train_candidates(model, train: Features, val: Features, val_sources: list[str], deadline: float,
+def train_candidates(train: Features, val: Features, val_sources: list[str], deadline: float,
                      settings: TrainSettings) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
     """Fits one router per learning rate (until `deadline`) and scores, on the val pools, the steps
     from the current router toward each (`MIXES`). Returns the best mean agreement among those
     that route no val source worse than the current router (else the current one), every
     candidate's figures, and the choice."""
-    think = model.config.thinking_expert
+    think = train.thinking_expert
     labels = val.targets == think
     current = {k: w.float() for k, w in train.router.items()}
 
@@ -133,7 +134,7 @@ def train_candidates(model, train: Features, val: Features, val_sources: list[st
         timer = threading.Timer(max(deadline - time.time(), 10.0), cancel.set)
         timer.start()
         try:
-            trainer = RouterTrainer(model, train, replace(settings, lr=lr), cancel)
+            trainer = RouterTrainer(train, replace(settings, lr=lr), cancel)
             for _ in trainer:
                 pass
             result = trainer.result()
@@ -156,7 +157,7 @@ def run(model_dir: str | Path, out: str | Path, minutes: float = 4.0, examples: 
         cache_dir: str | Path | None = None) -> dict:
     """Fit the gates of the checkpoint in `model_dir` and write it to `out` (may be the same
     folder): only the gate weights and `config.router_temperature` change. Returns the report."""
-    from metis.generation import Engine
+    from metis.serving.engine import Engine
     from metis.modeling import MetisHomeForConditionalGeneration
 
     start = time.time()
@@ -170,7 +171,7 @@ def run(model_dir: str | Path, out: str | Path, minutes: float = 4.0, examples: 
         val = extract_features(engine, val_ex, cache_dir)
     feature_seconds = time.time() - start
     deadline = start + minutes * 60
-    router, candidates, chosen = train_candidates(engine.model, train, val, val_sources, deadline, settings)
+    router, candidates, chosen = train_candidates(train, val, val_sources, deadline, settings)
 
     labels = (val.targets == think).float()
     before, after = margins(val, stacked(train.router), think), margins(val, stacked(router), think)

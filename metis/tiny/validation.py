@@ -6,15 +6,14 @@ the engine's one-request path; `python -m metis eval` measures the shipped model
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from metis.calibration import expected_calibration_error, fit_temperature
+from metis.prompting import left_pad
+from metis.routing import expert_index
+from metis.streaming import parse_output
 from metis.tiny import corpus, world
 from metis.tiny.data import MODEL_INPUTS, Encoder, collate, lm_loss
-
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
 
 
 @torch.no_grad()
@@ -28,22 +27,6 @@ def image_spread(model, enc: Encoder, samples: list[world.Sample]) -> float:
     return ((feats - feats.mean(0)).norm(dim=1).mean() / feats.norm(dim=1).mean()).item()
 
 
-def _left_padded(enc: Encoder, prompts: list[dict], image_token_id: int) -> dict:
-    T = max(p["input_ids"].shape[1] for p in prompts)
-    ids = torch.full((len(prompts), T), enc.tok.pad_token_id, dtype=torch.long)
-    attn = torch.zeros(len(prompts), T, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        n = p["input_ids"].shape[1]
-        ids[b, T - n:] = p["input_ids"][0]
-        attn[b, T - n:] = 1
-    vision = [p for p in prompts if "pixel_values" in p]
-    out = dict(input_ids=ids, attention_mask=attn, mm_token_type_ids=(ids == image_token_id).int())
-    if vision:
-        out["pixel_values"] = torch.cat([p["pixel_values"] for p in vision])
-        out["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in vision])
-    return out
-
-
 @torch.no_grad()
 def evaluate(model, enc: Encoder, samples: list[world.Sample], moe: bool, batch_size: int = 32) -> dict:
     """Greedy answers on left-padded batches: exact match per family, router accuracy, length."""
@@ -55,7 +38,7 @@ def evaluate(model, enc: Encoder, samples: list[world.Sample], moe: bool, batch_
     routed, gen_tokens = 0, 0
     for i in range(0, len(samples), batch_size):
         chunk = samples[i: i + batch_size]
-        kwargs = _left_padded(enc, [enc.prompt(s.question, [s.image]) for s in chunk], model.config.image_token_id)
+        kwargs = left_pad([enc.prompt(s.question, [s.image]) for s in chunk], tok.pad_token_id)
         T = kwargs["input_ids"].shape[1]
         kwargs.update(max_new_tokens=80, do_sample=False, use_cache=True, pad_token_id=tok.pad_token_id,
                       eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
@@ -64,8 +47,8 @@ def evaluate(model, enc: Encoder, samples: list[world.Sample], moe: bool, batch_
             routing = kwargs["routing"] = model.new_routing("auto", prompt_mask=kwargs["attention_mask"].bool())
         out = model.generate(**kwargs)[:, T:]
         for b, s in enumerate(chunk):
-            m = _ANSWER.search(tok.decode(out[b], skip_special_tokens=False))
-            stats[s.family][0] += bool(m) and world.answers_match(m.group(1), s.answer)
+            _, answer, closed = parse_output(tok.decode(out[b], skip_special_tokens=False))
+            stats[s.family][0] += closed and world.answers_match(answer.strip(), s.answer)
             stats[s.family][1] += 1
             gen_tokens += int((out[b] != tok.pad_token_id).sum())
             if moe:
@@ -86,12 +69,11 @@ def router_margins(model, enc: Encoder, items: list[tuple[str, list]], batch_siz
     think = model.config.thinking_expert
     margins = []
     for i in range(0, len(items), batch_size):
-        inputs = _left_padded(enc, [enc.prompt(q, imgs) for q, imgs in items[i: i + batch_size]],
-                              model.config.image_token_id)
+        inputs = left_pad([enc.prompt(q, imgs) for q, imgs in items[i: i + batch_size]], enc.tok.pad_token_id)
         routing = model.new_routing("auto", prompt_mask=inputs["attention_mask"].bool())
         model(**inputs, routing=routing, use_cache=False)
         logits = routing.query_logits.float()
-        margins.append(logits[:, think] - logits[:, 1 - think])
+        margins.append(logits[:, expert_index("think", think)] - logits[:, expert_index("direct", think)])
     model.train(was_training)
     return torch.cat(margins)
 
