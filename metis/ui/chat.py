@@ -34,9 +34,9 @@ def settings_controls(threshold: float) -> list[gr.components.Component]:
                   info="auto mode thinks when p(think) ≥ threshold"),
         gr.Number(0, label="Thinking budget (tokens, 0 = none)", precision=0,
                   info="closes the reasoning after this many tokens"),
-        gr.Slider(1, 16384, value=1024, step=1, label="Max new tokens"),
-        gr.Slider(0, 2, value=0, step=0.05, label="Temperature", info="0 = greedy"),
-        gr.Slider(0.01, 1, value=1, step=0.01, label="Top-p"),
+        values.slider("max_new_tokens", "Max new tokens", 1),
+        values.slider("temperature", "Temperature", 0.05, info="0 = greedy"),
+        values.slider("top_p", "Top-p", 0.01),
     ]
 
 

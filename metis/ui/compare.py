@@ -9,6 +9,7 @@ import gradio as gr
 from ..streaming import GenerationStats
 from .events import LATEX_DELIMITERS, readable_math, to_messages, user_bubbles
 from .runtime import USER_ERRORS, Runner, settings
+from . import values
 from .session import Session
 
 EXPERTS = (("think", "💭 Thinking expert"), ("direct", "⚡ Direct expert"))
@@ -52,7 +53,7 @@ def build(runner: Runner, session: gr.State, router: gr.State) -> None:
     textbox = gr.MultimodalTextbox(file_types=["image"], file_count="multiple", show_label=False,
                                    placeholder="A question for both experts (with images)")
     with gr.Row():
-        max_new_tokens = gr.Slider(1, 16384, value=1024, step=1, label="Max new tokens")
+        max_new_tokens = values.slider("max_new_tokens", "Max new tokens", 1)
         stop = gr.Button("⏹ Stop", variant="stop", scale=0)
     columns: dict[str, ExpertColumn] = {}
     with gr.Row():

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+import gradio as gr
+
 from ..serving.interface import GenerationSettings
 from ..routing import MODES
 
@@ -91,3 +93,10 @@ def message_parts(payload) -> tuple[str, list[str]]:
             raise ValueProblem(f"message.files[{i}] must be a file uploaded with handle_file(), got {file!r}")
         paths.append(path)
     return text, paths
+
+
+def slider(name: str, label: str, step: float, **kwargs) -> gr.Slider:
+    """A slider over the library's own range for setting `name`, at its default: the UI offers
+    exactly what `GenerationSettings` accepts."""
+    lo, hi = GenerationSettings.LIMITS[name]
+    return gr.Slider(lo, hi, value=getattr(GenerationSettings(), name), step=step, label=label, **kwargs)
