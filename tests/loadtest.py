@@ -1,6 +1,6 @@
 """Many users at once against a launched app, loopback only, bounded in count and time.
 
-Each session is its own `gradio_client.Client` asking its own questions through `/chat`; every
+Each session is its own HTTP client asking its own questions through `/chat`; every
 answer is checked against the engine's own answer to the same question (greedy decoding is
 deterministic), so a lost, mixed-up or crossed answer is caught whatever the model's quality.
 
@@ -8,9 +8,8 @@ deterministic), so a lost, mixed-up or crossed answer is caught whatever the mod
 
 The full run serves the same sessions twice from `app.py` in its own process, as deployed, one
 answer at a time (`--max-batch 1`) and with the default batch, and reports both with their
-ratios. The sessions' clients share this machine's cores with the app: gradio_client costs about
-as much CPU per request as the server, so on few cores the figures understate what a server alone
-would gain.
+ratios. The sessions use plain HTTP because they share this machine's cores with the app (see
+`session`); the Stop check uses gradio_client, whose `cancel` is what the browser's Stop does.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 from gradio_client import Client, handle_file
 
 from bench.common import fixed_length
@@ -67,26 +67,44 @@ def text_of(message: dict) -> str:
     return str(content).strip()
 
 
+def ask(http: httpx.Client, q: dict) -> tuple[float | None, list]:
+    """One question through Gradio's documented HTTP API, as a browser or `curl` sends it: upload
+    the image, `POST /call/v2/chat`, read the event stream. (first output seconds, last messages)"""
+    start = time.perf_counter()
+    with open(q["image"], "rb") as image:
+        path = http.post("/upload", files={"files": (Path(q["image"]).name, image, "image/png")}).json()[0]
+    message = {"text": q["text"], "files": [{"path": path, "meta": {"_type": "gradio.FileData"}}]}
+    event_id = http.post("/call/v2/chat", json={"message": message, "mode": "auto",
+                                                "max_new_tokens": MAX_NEW_TOKENS}).json()["event_id"]
+    first, event, data = None, None, None
+    with http.stream("GET", f"/call/v2/chat/{event_id}") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event in ("generating", "complete", "error"):
+                first = first if first is not None else time.perf_counter() - start
+                data = json.loads(line[5:])
+    if event != "complete":
+        raise RuntimeError(f"the app answered {event}: {data}")
+    return first, data[0]
+
+
 def session(url: str, qs: list[dict], timeout: float) -> list[dict]:
-    client = Client(url, verbose=False)
+    """One user asking `qs` in turn. Plain HTTP (httpx) rather than gradio_client: the sessions
+    share this machine's cores with the app, and gradio_client spent about as much CPU per request
+    as the server did, so the load generator measured itself."""
     results = []
-    for q in qs:
-        start = time.perf_counter()
-        record = dict(question=q["text"], expected=q["expected"])
-        try:
-            job = client.submit(message={"text": q["text"], "files": [handle_file(q["image"])]},
-                                mode="auto", max_new_tokens=MAX_NEW_TOKENS, api_name="/chat")
-            # first output to 10 ms: iterating the job would busy-poll every millisecond in each
-            # session's thread, and the load generator would then eat the cores it measures
-            while not job.outputs() and not job.done():
-                time.sleep(0.01)
-            first = time.perf_counter() - start if job.outputs() else None
-            messages = job.result(timeout=timeout)
-            record.update(answer=text_of(messages[-1]), first_output_s=first,
-                          latency_s=time.perf_counter() - start, ok=True)
-        except Exception as exc:  # counted as failed, with the reason
-            record.update(ok=False, error=f"{type(exc).__name__}: {exc}", latency_s=time.perf_counter() - start)
-        results.append(record)
+    with httpx.Client(base_url=url.rstrip("/") + "/gradio_api", timeout=timeout) as http:
+        for q in qs:
+            start = time.perf_counter()
+            record = dict(question=q["text"], expected=q["expected"])
+            try:
+                first, messages = ask(http, q)
+                record.update(answer=text_of(messages[-1]), first_output_s=first,
+                              latency_s=time.perf_counter() - start, ok=True)
+            except Exception as exc:  # counted as failed, with the reason
+                record.update(ok=False, error=f"{type(exc).__name__}: {exc}", latency_s=time.perf_counter() - start)
+            results.append(record)
     return results
 
 
