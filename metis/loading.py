@@ -31,7 +31,6 @@ from .prompting import PromptConfig
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = ROOT / "assets" / "metis-home-tiny"
 EMBEDDED_NAMES = ("", "tiny", "embedded", "default")
-HUB_MODEL = "mmthinking/Metis-HOME"
 SMALL_CPU_MODEL = 100_000_000  # parameters; see pick_cpu_threads
 PREPROCESSING_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",

@@ -42,7 +42,6 @@ QTYPES = {
     "reasoning": ("count_diff", "total_sides", "more_colour", "remain", "not_colour", "kind_sides", "compare_two"),
 }
 POSITION_NAMES = ("top left", "top right", "bottom left", "bottom right")
-WORDINGS = phrasing.POOLS  # "train" wordings on test images form the template split
 
 
 @dataclass(frozen=True)
