@@ -100,7 +100,9 @@ class Scheduler:
             self._cond.notify_all()
             if not self._working:
                 self._working = True
-                threading.Thread(target=self._work, name="metis-batch", daemon=True).start()
+                # not a daemon: at exit Python waits for the batch (its rows end within a step once
+                # their consumers are gone) instead of killing it inside torch, which aborts
+                threading.Thread(target=self._work, name="metis-batch").start()
 
     def waiting(self) -> int:
         with self._cond:
