@@ -61,9 +61,9 @@ def run(engine: Engine, quick: bool) -> dict:
         serial = [collect(engine.stream(m, s)) for m, s in requests[:16]]  # also warms up
         rates, identical, batches = {}, True, {}
         for clients in LEVELS:
-            before = len(engine.scheduler.batch_sizes)
+            before = engine.scheduler.batches
             seconds, answers = _serve(engine, requests, clients)
-            sizes = engine.scheduler.batch_sizes[before:]
+            sizes = engine.scheduler.sizes_since(before)
             rates[clients] = round(sum(a.stats.tokens for a in answers) / seconds, 1)
             batches[clients] = round(sum(sizes) / len(sizes), 2)
             identical &= all((a.reasoning, a.answer) == (b.reasoning, b.answer) for a, b in zip(serial, answers))

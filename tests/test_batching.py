@@ -51,14 +51,14 @@ def _together(engine, requests):
         results[i] = list(engine.stream(messages, settings, **kwargs))
 
     threads = [threading.Thread(target=consume, args=(i, *r)) for i, r in enumerate(requests)]
-    before = len(engine.scheduler.batch_sizes)
+    before = engine.scheduler.batches
     with engine.slot.hold():
         for queued, t in enumerate(threads, 1):
             t.start()
             _wait_for(lambda: engine.scheduler.waiting() == queued)
     for t in threads:
         t.join()
-    return results, engine.scheduler.batch_sizes[before:]
+    return results, engine.scheduler.sizes_since(before)
 
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,8 @@ class BatchLimits:
 
     @classmethod
     def from_env(cls) -> "BatchLimits":
-        """METIS_MAX_BATCH and METIS_MAX_BATCH_TOKENS (server settings; `--max-batch` sets the first)."""
+        """METIS_MAX_BATCH, METIS_MAX_BATCH_TOKENS and METIS_BATCH_GATHER_S (server settings;
+        `--max-batch` sets the first)."""
         env = os.environ.get
         return cls(int(env("METIS_MAX_BATCH", cls.max_batch)), int(env("METIS_MAX_BATCH_TOKENS", cls.max_batch_tokens)),
                    float(env("METIS_BATCH_GATHER_S", cls.gather_s)))
@@ -92,7 +93,12 @@ class Scheduler:
         self._waiting: deque[Row] = deque()
         self._cond = threading.Condition()
         self._working = False
-        self.batch_sizes: list[int] = []  # every batch run so far, for tests and benchmarks
+        self.batches = 0  # batches run so far
+        self._sizes: deque[int] = deque(maxlen=10_000)  # the latest batches' row counts, bounded
+
+    def sizes_since(self, mark: int) -> list[int]:
+        """Row counts of the batches run since `batches` was `mark` (tests and benchmarks)."""
+        return list(self._sizes)[max(0, len(self._sizes) - (self.batches - mark)):]
 
     def submit(self, row: Row) -> None:
         with self._cond:
@@ -128,7 +134,8 @@ class Scheduler:
                     batch = self._take()
                 if not batch:
                     continue
-                self.batch_sizes.append(len(batch))
+                self._sizes.append(len(batch))
+                self.batches += 1
                 ran = True
                 try:
                     self.run_batch(batch)
