@@ -66,9 +66,11 @@ def shipped():
     return Engine.load(None)
 
 
-@pytest.mark.parametrize("which", ["random", "shipped"])
-def test_mixed_batch_gives_every_row_its_serial_answer(engine, shipped, which):
-    engine = {"random": engine, "shipped": shipped}[which]
+@pytest.mark.parametrize("which", ["random", "shipped", "rehearsal"])
+def test_mixed_batch_gives_every_row_its_serial_answer(engine, shipped, rehearsal, which):
+    """Also on the rehearsal checkpoint: the real Qwen2.5 vocabulary, multi-token tags and stop
+    strings, the published config's rope sections and Qwen2.5-VL's image sizes."""
+    engine = {"random": engine, "shipped": shipped, "rehearsal": rehearsal}[which]
     requests = [(_messages(text, size), GenerationSettings(mode=mode, max_new_tokens=24 + 4 * i), {})
                 for i, (mode, text, size) in enumerate(MIXED)]
     serial = [list(engine.stream(m, s)) for m, s, _ in requests]
