@@ -19,7 +19,7 @@ from metis.serving.engine import Engine, GenerationSettings
 from metis.serving.interface import collect
 from metis.tiny import world
 
-from .common import fixed_length
+from .common import fixed_length, start_in_one_batch
 
 LEVELS = (1, 4, 8, 16)
 TARGET = 3.0  # speedup_16 on this CPU (issue 12)
@@ -41,12 +41,8 @@ def _serve(engine: Engine, requests: list, clients: int) -> tuple[float, list]:
             answers[i] = collect(engine.stream(messages, settings))
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
-    with engine.slot.hold():
-        for t in threads:
-            t.start()
-        while engine.scheduler.waiting() < clients:
-            time.sleep(0.0005)
-        start = time.perf_counter()
+    start_in_one_batch(engine, threads, clients)
+    start = time.perf_counter()
     for t in threads:
         t.join()
     return time.perf_counter() - start, answers

@@ -13,6 +13,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -167,6 +168,16 @@ def _median(values: list):
     if isinstance(values[0], tuple):
         return tuple(statistics.median(column) for column in zip(*values))
     return statistics.median(values)
+
+
+def start_in_one_batch(engine: Engine, threads: list[threading.Thread], rows: int) -> None:
+    """Start `threads` and keep the model busy until `rows` of their requests wait: the scheduler
+    then takes them into one batch, so "N users at once" really starts together."""
+    with engine.slot.hold():
+        for thread in threads:
+            thread.start()
+        while engine.scheduler.waiting() < rows:
+            time.sleep(0.0005)
 
 
 def timed(fn: Callable[[], object]) -> float:

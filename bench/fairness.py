@@ -15,16 +15,17 @@ import statistics
 import threading
 import time
 
-from metis.budget import count_tokens, prompt_limit
+from metis.budget import count_tokens
 from metis.prompting import Message, PromptError
 from metis.serving.batch import RowStreamer
 from metis.serving.engine import Engine, GenerationSettings
 from metis.streaming import Done, Routed
 
-from .common import fixed_length, sample_messages
+from .common import fixed_length, sample_messages, start_in_one_batch, timed
 
 
 def long_conversation(turns: int = 16, chars: int = 8000) -> list[Message]:
+    """16 turns of 8,000 characters: the 256 KB request that once held the model for 78 s."""
     out = []
     for i in range(turns):
         out += [Message("user", (f"question {i} " + "words " * (chars // 6))[:chars]), Message("assistant", "ok " * 400)]
@@ -33,7 +34,7 @@ def long_conversation(turns: int = 16, chars: int = 8000) -> list[Message]:
 
 def longest_prompt(engine: Engine) -> list[Message]:
     """A question padded to just under the server's prompt limit, with its image."""
-    limit = prompt_limit(engine.limits, engine.model.config.get_text_config().max_position_embeddings)
+    limit = engine.prompt_limit()
     base = sample_messages()[0]
     text = base.text
     while count_tokens(engine.prompts, [Message("user", text + " count" * 8, base.images)]) <= limit:
@@ -50,12 +51,6 @@ def _refused_s(engine: Engine) -> float:
     raise RuntimeError("the long conversation was not refused")
 
 
-def _answer_s(engine: Engine, messages, settings) -> float:
-    start = time.perf_counter()
-    list(engine.stream(messages, settings))
-    return time.perf_counter() - start
-
-
 def _gaps(engine: Engine, messages, settings, rows: int, disturb=None) -> list[float]:
     """Gaps between the token arrivals of one row of a `rows`-row batch, with `disturb()` run
     from another thread once that batch has produced its first token."""
@@ -70,11 +65,7 @@ def _gaps(engine: Engine, messages, settings, rows: int, disturb=None) -> list[f
                 times.append(time.perf_counter())
 
     threads = [threading.Thread(target=consume, args=(i == 0,)) for i in range(rows)]
-    with engine.slot.hold():  # all rows in one batch
-        for t in threads:
-            t.start()
-        while engine.scheduler.waiting() < rows:
-            time.sleep(0.001)
+    start_in_one_batch(engine, threads, rows)
     started.wait()
     helper = threading.Thread(target=disturb) if disturb else None
     if helper:
@@ -90,12 +81,13 @@ def run(engine: Engine, quick: bool) -> dict:
     short = sample_messages()
     settings = GenerationSettings(max_new_tokens=16)
     refuse = statistics.median(_refused_s(engine) for _ in range(5))
-    alone = statistics.median(_answer_s(engine, short, settings) for _ in range(5))
+    answer = lambda: list(engine.stream(short, settings))  # noqa: E731
+    alone = statistics.median(timed(answer) for _ in range(5))
 
     def during_refusal() -> float:  # the heavy request arrives together with the short one
         heavy = threading.Thread(target=_refused_s, args=(engine,))
         heavy.start()
-        seconds = _answer_s(engine, short, settings)
+        seconds = timed(answer)
         heavy.join()
         return seconds
 
@@ -114,7 +106,7 @@ def run(engine: Engine, quick: bool) -> dict:
             routed = _gaps(engine, short, steps, rows=4, disturb=lambda: [engine.route(long) for _ in range(3)])
     finally:
         RowStreamer.FLUSH_S = saved
-    prefill = statistics.median(_timed_route(engine, long) for _ in range(3))
+    prefill = statistics.median(timed(lambda: engine.route(long)) for _ in range(3))
     step = statistics.median(calm)
     return dict(
         refuse_256kb_s=round(refuse, 4),
@@ -127,8 +119,3 @@ def run(engine: Engine, quick: bool) -> dict:
                         long_routing_calls=round(max(routed) * 1e3, 1)),
     )
 
-
-def _timed_route(engine: Engine, messages) -> float:
-    start = time.perf_counter()
-    engine.route(messages)
-    return time.perf_counter() - start

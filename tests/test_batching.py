@@ -296,3 +296,12 @@ def test_a_routing_call_inside_a_batch_with_a_session_router_sees_the_shipped_ga
     assert engine.scheduler.idle(timeout=30)  # the batch has put the shipped gates back
     after = engine.model.router_state_dict()
     assert all(torch.equal(after[k], shipped[k]) for k in shipped)
+
+
+def test_a_seeded_request_never_shares_its_batch_even_with_seed_zero():
+    ids = {"input_ids": torch.zeros(1, 3, dtype=torch.long)}
+    sampled = [GenerationSettings(temperature=0.7, seed=0), GenerationSettings(temperature=0.7, seed=0)]
+    a, b = (Row(ids, s) for s in sampled)
+    assert a.key() != b.key()
+    unseeded = GenerationSettings(temperature=0.7)
+    assert Row(ids, unseeded).key() == Row(ids, unseeded).key()

@@ -118,7 +118,7 @@ def test_settings_out_of_bounds_are_rejected(kwargs, match):
 
 def _generated_ids(engine, messages, settings):
     """The ids greedy decoding writes, straight from `generate` (no streamer, no thread)."""
-    inputs = engine._inputs(messages)
+    inputs = engine._on_device(engine.prompts.build(messages))
     out = engine.model.generate(
         **inputs, routing=engine.model.new_routing(settings.mode, settings.threshold),
         max_new_tokens=settings.max_new_tokens, do_sample=False, top_k=None, use_cache=True,

@@ -195,19 +195,12 @@ def test_files_are_counted_across_zips_and_loose_uploads(tmp_path):
 
 import time  # noqa: E402
 
+from bench.fairness import long_conversation  # noqa: E402
 from metis.budget import RequestLimits, count_tokens  # noqa: E402
 from metis.serving.interface import GenerationSettings  # noqa: E402
 from metis.prompting import Message, PromptError  # noqa: E402
 from metis.streaming import Done, Notice  # noqa: E402
 from metis.ui.events import ChatTurn  # noqa: E402
-
-
-def long_conversation(turns=16, chars=8000):
-    """16 turns of 8,000 characters: the 256 KB request that held the model for 78 s."""
-    out = []
-    for i in range(turns):
-        out += [Message("user", (f"question {i} " + "words " * (chars // 6))[:chars]), Message("assistant", "ok " * 400)]
-    return out + [Message("user", "and now?")]
 
 
 @pytest.fixture

@@ -62,7 +62,8 @@ class Row:
         """Rows with equal keys can share a `generate` call: same decoding rule, same gates.
         A seeded sampled request runs alone, so its seed reproduces its answer."""
         s = self.settings
-        sampling = ("greedy",) if s.temperature == 0 else ("sample", s.temperature, s.top_p, s.seed and id(self))
+        seeded = id(self) if s.seed is not None else None  # a seed of 0 is a seed too
+        sampling = ("greedy",) if s.temperature == 0 else ("sample", s.temperature, s.top_p, seeded)
         return (*sampling, s.mode == "token", id(self.router) if self.router is not None else None)
 
 

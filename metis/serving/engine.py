@@ -73,11 +73,15 @@ class Engine:
         self.stops = StopRules(self.eos_ids, answer_close if one_token else [],
                                None if one_token else StopStringCriteria(tokenizer, [ANSWER_CLOSE]))
         self.batch = batch or BatchLimits.from_env()
-        self.concurrency = self.batch.max_batch  # answers in flight: one batch; later ones queue in the app
         self.slot = ModelSlot()
         self.scheduler = Scheduler(self._generate, self.batch, self.slot)
-        self._shipped = {k: v.clone() for k, v in model.router_state_dict().items()}
+        self.shipped_router = {k: v.clone() for k, v in model.router_state_dict().items()}
         self._gates_of = None  # the session router whose gates are loaded; None: the shipped ones
+
+    @property
+    def concurrency(self) -> int:
+        """Answers in flight: one batch; later ones wait in the app's queue."""
+        return self.batch.max_batch
 
     @classmethod
     def load(cls, spec: str | None = None, batch: BatchLimits | None = None, **kwargs) -> "Engine":
@@ -111,7 +115,7 @@ class Engine:
         caller's thread, between two decode steps of a running batch if there is one."""
         settings = GenerationSettings(mode=mode, threshold=threshold)
         messages, _ = self._within_limits(messages)
-        inputs = self._inputs(messages)
+        inputs = self._on_device(self.prompts.build(messages))
         routing = self._routing(inputs, [settings])
         language = self.model.model
         with self.slot.hold(), self._gates(router), torch.inference_mode():
@@ -173,7 +177,7 @@ class Engine:
     def _generate(self, rows: list[Row]) -> None:
         """One `generate` call for `rows` (the scheduler's worker thread, holding the slot)."""
         batch = left_pad([r.inputs for r in rows], self.tokenizer.pad_token_id)
-        inputs = {k: v.to(self.model.device) for k, v in batch.items()}
+        inputs = self._on_device(batch)
         prompt_len = inputs["input_ids"].shape[1]
         routing = self._routing(inputs, [r.settings for r in rows])
         streamer = RowStreamer(rows, lambda: [r.out.put(Prefilled(routing, i, batch["input_ids"])) for i, r in enumerate(rows)])
@@ -181,6 +185,7 @@ class Engine:
                    ThinkingBudget(r.settings.thinking_budget, self.close_ids, IncrementalDecoder(self.tokenizer, self.hidden_ids))
                    for r in rows]
         stops = RowStops(rows, streamer, prompt_len, self.stops, self.limits.max_seconds, self.slot.pause)
+        error = None
         try:
             with self._gates(rows[0].router), torch.inference_mode():
                 if rows[0].settings.seed is not None:
@@ -191,14 +196,11 @@ class Engine:
                     stopping_criteria=StoppingCriteriaList([stops]),
                     **generate_arguments(rows, self.stops, self.tokenizer.pad_token_id),
                 )
-        except BaseException as exc:  # every row of the batch reports it as a Failed event
-            streamer.end()
-            for i in range(len(rows)):
-                streamer.finish(i, "error", exc)
-            return
+        except BaseException as exc:  # every row still open reports it as a Failed event
+            error = exc
         streamer.end()
-        for i, end in enumerate(streamer.ends):  # a row still open reached the batch's token limit
-            streamer.finish(i, end[1] if end else "max_new_tokens")
+        for i, end in enumerate(streamer.ends):  # without an error, a row still open reached the token limit
+            streamer.finish(i, "error" if error else end[1] if end else "max_new_tokens", error)
 
     # -- helpers --------------------------------------------------------------------------------
     def _routing(self, inputs: dict, settings: list[GenerationSettings]):
@@ -216,14 +218,16 @@ class Engine:
                        image_token_id=self.model.config.image_token_id,
                        image_grid_thw=inputs.get("image_grid_thw"), merge=self.prompts.merge, sample=sample)
 
+    def prompt_limit(self) -> int:
+        """Prompt tokens one request may send: the server's setting, lowered to the model's context."""
+        return prompt_limit(self.limits, getattr(self.model.config.get_text_config(), "max_position_embeddings", None))
+
     def _within_limits(self, messages: list[Message]):
         """The messages within this server's prompt budget (metis/budget.py), and a note if trimmed."""
-        context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
-        limit = prompt_limit(self.limits, context)
-        return fit(self.prompts, messages, limit, self.limits.overflow)
+        return fit(self.prompts, messages, self.prompt_limit(), self.limits.overflow)
 
-    def _inputs(self, messages: list[Message]) -> dict:
-        return {k: v.to(self.model.device) for k, v in self.prompts.build(messages).items()}
+    def _on_device(self, tensors: dict) -> dict:
+        return {k: v.to(self.model.device) for k, v in tensors.items()}
 
     @contextlib.contextmanager
     def _gates(self, router: dict | None):
@@ -239,5 +243,5 @@ class Engine:
                 self._load_gates(previous)
 
     def _load_gates(self, router: dict | None) -> None:
-        self.model.load_state_dict(self._shipped if router is None else router, strict=False)
+        self.model.load_state_dict(self.shipped_router if router is None else router, strict=False)
         self._gates_of = router

@@ -150,12 +150,12 @@ class Scheduler:
         if not self._waiting:
             return []
         first = self._waiting.popleft()
-        batch, longest = [first], first.prompt_tokens
+        key, batch, longest = first.key(), [first], first.prompt_tokens
         for row in list(self._waiting):
             if len(batch) == self.limits.max_batch:
                 break
             wider = max(longest, row.prompt_tokens)
-            if row.key() == first.key() and (len(batch) + 1) * wider <= self.limits.max_batch_tokens:
+            if row.key() == key and (len(batch) + 1) * wider <= self.limits.max_batch_tokens:
                 batch.append(row)
                 longest = wider
                 self._waiting.remove(row)
