@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -111,6 +111,15 @@ def stacked(router: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([w.float() for w in router.values()])
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A router the stage may keep: its mean val agreement, its gates, and how it was made."""
+
+    agreement: float
+    router: dict[str, torch.Tensor]
+    choice: dict  # {"lr": ..., "mix": ...}; lr None is the router it started from
+
+
 def train_candidates(train: Features, val: Features, val_sources: list[str], deadline: float,
                      settings: TrainSettings) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
     """Fits one router per learning rate (until `deadline`) and scores, on the val pools, the steps
@@ -126,7 +135,7 @@ def train_candidates(train: Features, val: Features, val_sources: list[str], dea
 
     floor = score(current)
     report = [{"lr": None, "mix": 0.0, "val": floor}]
-    best = (floor["mean"], train.router, {"lr": None, "mix": 0.0})
+    best = Candidate(floor["mean"], train.router, {"lr": None, "mix": 0.0})
     for lr in LEARNING_RATES:
         if len(report) > 1 and time.time() >= deadline:  # the first one always gets a chance
             break
@@ -147,9 +156,9 @@ def train_candidates(train: Features, val: Features, val_sources: list[str], dea
                       for k, w in current.items()}
             scores = score(router)
             report.append({"lr": lr, "mix": mix, **fit, "val": scores})
-            if scores["mean"] > best[0] and all(scores[src] >= floor[src] for src in floor):
-                best = (scores["mean"], router, {"lr": lr, "mix": mix})
-    return best[1], report, best[2]
+            if scores["mean"] > best.agreement and all(scores[src] >= floor[src] for src in floor):
+                best = Candidate(scores["mean"], router, {"lr": lr, "mix": mix})
+    return best.router, report, best.choice
 
 
 def run(model_dir: str | Path, out: str | Path, minutes: float = 4.0, examples: int = 3000,
