@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 # ZeroGPU: `spaces` must be imported before torch (which metis imports) touches CUDA; only then do
@@ -62,7 +63,7 @@ def load_engine(args: argparse.Namespace):
             from metis.serving.remote import RemoteEngine
 
             return RemoteEngine.load(args.router, args.think_url, args.direct_url)
-        return Engine.load(args.model, batch=BatchLimits(args.max_batch, BatchLimits.from_env().max_batch_tokens))
+        return Engine.load(args.model, batch=replace(BatchLimits.from_env(), max_batch=args.max_batch))
     except Exception as exc:
         log.error("could not load %r: %s: %s", args.router or args.model or "embedded", type(exc).__name__, exc)
         return exc

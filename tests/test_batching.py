@@ -245,6 +245,22 @@ def test_max_batch_one_answers_one_at_a_time(tiny_checkpoint):
     assert sizes == [1, 1, 1] and all(isinstance(r[-1], Done) for r in results)
 
 
+def test_app_takes_max_batch_from_its_flag_and_the_other_limits_from_the_environment():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, METIS_MAX_BATCH_TOKENS="999", METIS_BATCH_GATHER_S="0.02", HF_HUB_OFFLINE="1")
+    code = ("import sys; sys.argv = ['app.py', '--max-batch', '3']; import app, json, dataclasses; "
+            "print(json.dumps(dataclasses.asdict(app.engine.batch)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"max_batch": 3, "max_batch_tokens": 999, "gather_s": 0.02}
+
+
 
 def test_stop_reason_takes_the_first_that_holds():
     from metis.serving.batch import StopRules, stop_reason
