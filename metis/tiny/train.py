@@ -88,7 +88,7 @@ def forward(model, batch: dict, moe: bool, router_smoothing: float = 0.0):
         routing = model.new_routing("auto", labels=batch["expert"], prompt_mask=batch["prompt_mask"])
         inputs["routing"] = routing
     logits = model(**inputs, use_cache=False).logits
-    lm = lm_loss(logits, batch["labels"])
+    lm = lm_loss(logits, batch["labels"], weights=batch["loss_weights"])
     if not moe:
         return lm, lm, None, None
     # Router CE averaged over all MoE layers (each gate must be meaningful); label smoothing keeps
