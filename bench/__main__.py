@@ -119,6 +119,10 @@ def table(r: dict) -> str:
          f"{r['batching']['speedup_16']:.2f}, identical {str(r['batching']['identical']).lower()}",
          "≥ 3, identical", "met" if r["batching"]["speedup_16"] >= batching.TARGET and r["batching"]["identical"]
          else "**missed**"),
+        ("Batching at natural lengths (load test's questions): ms per answer alone / 16 in one batch",
+         f"{r['batching']['natural_16']['ms_per_answer_1']:.1f} / {r['batching']['natural_16']['ms_per_answer_16']:.1f}"
+         f" (ratio {r['batching']['natural_16']['ratio']:.3f}: the floor under the load test's wall ratio)",
+         "", ""),
         ("Fairness: a 256 KB conversation refused in; another user's short answer meanwhile / alone",
          f"{r['fairness']['refuse_256kb_s'] * 1e3:.0f} ms; {r['fairness']['short_answer_ratio']:.2f}×", "≤ 1 s; < 2×",
          "met" if r["fairness"]["refuse_256kb_s"] <= 1 and r["fairness"]["short_answer_ratio"] < 2 else "**missed**"),

@@ -23,6 +23,7 @@ from .common import fixed_length, start_in_one_batch
 
 LEVELS = (1, 4, 8, 16)
 TARGET = 3.0  # speedup_16 on this CPU (issue 12)
+NATURAL_TOKENS = 48  # the load test's max_new_tokens (tests/loadtest.py)
 
 
 def _serve(engine: Engine, requests: list, clients: int) -> tuple[float, list]:
@@ -46,6 +47,21 @@ def _serve(engine: Engine, requests: list, clients: int) -> tuple[float, list]:
     for t in threads:
         t.join()
     return time.perf_counter() - start, answers
+
+
+def natural_lengths(engine: Engine, requests: list) -> dict:
+    """The same questions answered at their own lengths, as the load test asks them: one at a time,
+    then all in one batch. A batch runs until its longest answer ends and each row's prefill is
+    work of its own, so `ratio` (batched over serial time per answer) is the floor under the load
+    test's wall ratio on this machine, whatever the app around the engine costs."""
+    settings = GenerationSettings(max_new_tokens=NATURAL_TOKENS)
+    natural = [(messages, settings) for messages, _ in requests[:16]]
+    seconds = {}
+    for rows in (1, 16):
+        _serve(engine, natural, rows)  # warm-up
+        seconds[rows] = _serve(engine, natural, rows)[0] / len(natural)
+    return dict(ms_per_answer_1=round(seconds[1] * 1e3, 1), ms_per_answer_16=round(seconds[16] * 1e3, 1),
+                ratio=round(seconds[16] / seconds[1], 3))
 
 
 def run(engine: Engine, quick: bool) -> dict:
@@ -72,4 +88,5 @@ def run(engine: Engine, quick: bool) -> dict:
         speedup_16=round(rates[16] / rates[1], 2),
         identical=identical,
         target=TARGET,
+        natural_16=natural_lengths(engine, requests),
     )
