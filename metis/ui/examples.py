@@ -1,7 +1,8 @@
 """Example questions with their images (assets/examples/, drawn by `python -m metis.ui.examples`).
 
 The embedded tiny model only knows the shapes world it was trained on, so its examples come from
-that world's held-out split; the chart, geometry and receipt images are meant for the real
+that world's held-out split, worded from the held-out pool (phrasings it never trained on, without
+the filler words of training wordings); the chart, geometry and receipt images are meant for the real
 Metis-HOME and are labelled as such.
 """
 
@@ -21,7 +22,7 @@ def _tiny() -> list[tuple[str, str, Image.Image]]:
     out = []
     for family, offsets in TINY_SEEDS.items():
         for offset in offsets:
-            s = world.sample(world.SPLIT_BASE["test"] + offset, family)
+            s = world.sample(world.SPLIT_BASE["test"] + offset, family, wording="test")
             out.append((f"shapes-{family}-{offset}.png", s.question, s.image))
     return out
 
