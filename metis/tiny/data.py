@@ -64,6 +64,7 @@ class Encoder:
 
     def __init__(self, tok, image_processor):
         self.tok = tok
+        self.answer_tags = tuple(tok.convert_tokens_to_ids(["<answer>", "</answer>"]))
         self.builder = PromptBuilder(
             tok, image_processor, PromptConfig(min_pixels=PIXELS, max_pixels=PIXELS), system_prompt=world.SYSTEM_PROMPT
         )
@@ -87,7 +88,7 @@ class Encoder:
         )
 
     def _answer_weights(self, ids: list[int]) -> list[float]:
-        begin, end = self.tok.convert_tokens_to_ids(["<answer>", "</answer>"])
+        begin, end = self.answer_tags
         inside, weights = False, []
         for i in ids:
             inside = (inside or i == begin) and i != end
