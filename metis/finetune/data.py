@@ -6,6 +6,8 @@ CSV: columns `text,images,label`, several images separated by `;`.
 Everything is checked before any training starts, and every bad line is reported at once (a
 person fixing a file wants the whole list, not one error per attempt). Image paths are relative
 to the dataset's folder and may not leave it: an uploaded dataset must not read server files.
+Evaluation datasets (`metis/evaluation/dataset.py`) share the file checks (`read_rows`), the
+image checks (`check_images`, `within_budget`) and the upload handling (`unpack_upload`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,17 @@ MAX_LINES = 20_000
 PROMPT = PromptConfig()  # a row is one user message: the chat's own limits on text and images
 MAX_UNPACKED_BYTES = 200 * 1024 * 1024
 MAX_ZIP_MEMBERS = 20_000
-DATA_SUFFIXES = (".jsonl", ".json", ".csv")
+
+
+@dataclass(frozen=True)
+class DataFiles:
+    """Which dataset files an upload may hold: fine-tuning takes JSONL or CSV, evaluation JSONL."""
+
+    suffixes: tuple[str, ...]
+    described: str  # for messages: "expected a .jsonl or .csv file"
+
+
+ROUTER_DATA = DataFiles((".jsonl", ".json", ".csv"), ".jsonl or .csv")
 
 
 class DatasetError(ValueError):
@@ -93,6 +105,25 @@ def _check_image(root: Path, name, seen: dict[Path, Header | str]) -> Header | s
     return seen[path]
 
 
+def check_images(root: Path, names, seen: dict) -> tuple[list[Header], list[str]]:
+    """A row's `images` field against the chat's limits: (headers, problems); nothing decoded."""
+    if not isinstance(names, list):
+        return [], ["field 'images' must be a list of paths"]
+    if len(names) > PROMPT.max_images:
+        return [], [f"too many images ({len(names)}, at most {PROMPT.max_images})"]
+    headers = [_check_image(root, name, seen) for name in names]
+    return [h for h in headers if not isinstance(h, str)], [h for h in headers if isinstance(h, str)]
+
+
+def within_budget(headers: list[Header]) -> list[str]:
+    """A row's images together against a request's pixel budget (checked once each one is fine)."""
+    try:
+        check_budget(headers)
+    except ImageError as exc:
+        return [str(exc)]
+    return []
+
+
 def _check_record(record: dict, number: int, root: Path, seen: dict) -> tuple[Example | None, list[str]]:
     problems = []
     text, label, names = record.get("text"), record.get("label"), record.get("images", [])
@@ -104,31 +135,23 @@ def _check_record(record: dict, number: int, root: Path, seen: dict) -> tuple[Ex
         problems.append("missing field 'label'")
     elif label not in LABELS:
         problems.append(f"unknown label {label!r} (expected one of {', '.join(LABELS)})")
-    if not isinstance(names, list):
-        problems.append("field 'images' must be a list of paths")
-        names = []
-    elif len(names) > PROMPT.max_images:
-        problems.append(f"too many images ({len(names)}, at most {PROMPT.max_images})")
-        names = []
-    headers = [_check_image(root, name, seen) for name in names]
-    problems += [h for h in headers if isinstance(h, str)]
+    headers, found = check_images(root, names, seen)
+    problems += found
     if not problems:
-        try:
-            check_budget(headers)
-        except ImageError as exc:
-            problems.append(str(exc))
+        problems += within_budget(headers)
     if problems:
         return None, problems
     return Example(text, tuple(h.path for h in headers), label, number), []
 
 
-def load_dataset(path: str | Path) -> list[Example]:
-    """Parse and validate a .jsonl or .csv dataset; raises one DatasetError listing every problem."""
+def read_rows(path: str | Path, files: DataFiles = ROUTER_DATA) -> tuple[Path, list[tuple[int, dict | str]]]:
+    """The checks every dataset file gets before its rows are looked at (exists, kind, size,
+    UTF-8, line count): (its resolved path, (line number, record or parse error) per line)."""
     path = Path(path).resolve()
     if not path.is_file():
         raise DatasetError([f"{path.name}: no such file"])
-    if path.suffix.lower() not in DATA_SUFFIXES:
-        raise DatasetError([f"{path.name}: expected a .jsonl or .csv file"])
+    if path.suffix.lower() not in files.suffixes:
+        raise DatasetError([f"{path.name}: expected a {files.described} file"])
     if (size := path.stat().st_size) > MAX_BYTES:
         raise DatasetError([f"{path.name}: file too large ({size / 2**20:.1f} MiB, at most {MAX_BYTES // 2**20} MiB)"])
     try:
@@ -137,6 +160,14 @@ def load_dataset(path: str | Path) -> list[Example]:
         raise DatasetError([f"{path.name}: cannot be read as UTF-8 text ({exc})"]) from exc
     if len(rows) > MAX_LINES:
         raise DatasetError([f"{path.name}: too many lines ({len(rows)}, at most {MAX_LINES})"])
+    if not rows:
+        raise DatasetError([f"{path.name}: the dataset is empty"])
+    return path, rows
+
+
+def load_dataset(path: str | Path) -> list[Example]:
+    """Parse and validate a .jsonl or .csv dataset; raises one DatasetError listing every problem."""
+    path, rows = read_rows(path)
     examples, problems, seen = [], [], {}
     for number, record in rows:
         if isinstance(record, str):
@@ -146,8 +177,6 @@ def load_dataset(path: str | Path) -> list[Example]:
         problems += [f"line {number}: {p}" for p in found]
         if example:
             examples.append(example)
-    if not rows:
-        problems.append(f"{path.name}: the dataset is empty")
     if problems:
         raise DatasetError(problems)
     return examples
@@ -200,7 +229,8 @@ def _unzip(archive: Path, dest: Path, budget: UploadBudget) -> None:
         raise DatasetError([f"{archive.name}: not a valid zip file ({exc})"]) from exc
 
 
-def unpack_upload(files: list[str | Path], dest: str | Path, budget: UploadBudget | None = None) -> Path:
+def unpack_upload(files: list[str | Path], dest: str | Path, budget: UploadBudget | None = None,
+                  kind: DataFiles = ROUTER_DATA) -> Path:
     """Gather uploaded files into `dest` and return the one dataset file among them.
 
     A zip keeps its folders; loose files are copied side by side, so their image paths must be
@@ -216,8 +246,8 @@ def unpack_upload(files: list[str | Path], dest: str | Path, budget: UploadBudge
         else:
             budget.take(file.name, file.stat().st_size, 1)
             shutil.copy(file, dest / file.name)
-    found = sorted(p for p in dest.rglob("*") if p.suffix.lower() in DATA_SUFFIXES and "__MACOSX" not in p.parts)
+    found = sorted(p for p in dest.rglob("*") if p.suffix.lower() in kind.suffixes and "__MACOSX" not in p.parts)
     if len(found) != 1:
         names = ", ".join(str(p.relative_to(dest)) for p in found) or "none"
-        raise DatasetError([f"expected exactly one .jsonl or .csv dataset file among the uploads, found {names}"])
+        raise DatasetError([f"expected exactly one {kind.described} dataset file among the uploads, found {names}"])
     return found[0]
