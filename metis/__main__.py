@@ -89,7 +89,10 @@ def export_experts(args) -> int:
 
 
 def evaluate(args) -> int:
-    from .tiny.evaluate import main
+    if args.data:
+        from .evaluation.cli import main
+    else:
+        from .tiny.evaluate import main
 
     return main(args)
 
@@ -141,10 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=size)
 
-    p = with_model(sub.add_parser("eval", help="evaluate on the tiny world's held-out splits and natural questions"))
-    p.add_argument("--limit", type=int, default=None, help="shapes questions per split (default 300)")
-    p.add_argument("--natural", type=int, default=400, help="held-out natural questions")
+    p = with_model(sub.add_parser("eval", help="evaluate your questions (--data) in the three modes, or the tiny "
+                                               "world's held-out splits and natural questions"))
+    p.add_argument("--limit", type=int, default=None,
+                   help="with --data: the first N questions; else shapes questions per split (default 300)")
+    p.add_argument("--natural", type=int, default=400, help="held-out natural questions (without --data)")
     p.add_argument("--json", default=None)
+    from .evaluation.cli import add_arguments as add_evaluation_arguments
+
+    add_evaluation_arguments(p)
     p.set_defaults(func=evaluate)
 
     from .finetune.cli import add_arguments
