@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,21 +26,38 @@ from .batch import Row, RowEnd
 
 
 class ModelSlot:
-    """Exclusive use of the model. The holder of a long job calls `pause()` at safe points (between
-    decode steps) to let every waiting caller take a turn first."""
+    """Exclusive use of the model, first come first served. The holder of a long job calls
+    `pause()` at safe points (between decode steps) to let the oldest waiting caller take one turn.
 
-    def __init__(self):
+    Turns are bounded, so a flood of routing calls cannot starve a running batch: at most one turn
+    per `pause()`, and turns take at most `share` of the model's time while a batch runs (after a
+    turn of t seconds, the holder keeps the model for t * (1 - share) / share seconds before the
+    next). A lone routing call still goes at the next decode step."""
+
+    def __init__(self, share: float = 0.25, clock: Callable[[], float] = time.monotonic):
+        if not 0 < share <= 1:
+            raise ValueError(f"share must be in (0, 1], got {share}")
+        self.share, self._clock = share, clock
         self._cond = threading.Condition()
         self._busy = False
-        self._waiting = 0
+        self._waiting: deque[object] = deque()  # tickets of waiting callers, oldest first
+        self._paused = False  # a holder is paused: only `_invited` may take the model
+        self._invited: object | None = None
+        self._next_turn = 0.0  # clock time before which `pause()` grants no turn
+        self.turns = 0  # turns granted by `pause()` so far (tests, benchmarks)
 
     @contextlib.contextmanager
     def hold(self):
+        ticket = object()
         with self._cond:
-            self._waiting += 1
-            self._cond.wait_for(lambda: not self._busy)
-            self._waiting -= 1
+            self._waiting.append(ticket)
+            self._cond.wait_for(lambda: not self._busy and self._waiting[0] is ticket
+                                and (not self._paused or self._invited is ticket))
+            self._waiting.popleft()
             self._busy = True
+            if self._invited is ticket:
+                self._invited = None
+            self._cond.notify_all()  # the next ticket is now at the head
         try:
             yield
         finally:
@@ -48,14 +66,25 @@ class ModelSlot:
                 self._cond.notify_all()
 
     def pause(self) -> None:
-        """Called by the holder: return once everyone who was waiting has had the model."""
+        """Called by the holder: let the oldest waiting caller have the model once, if the time
+        share allows, and return when that turn is over."""
         with self._cond:
-            if not self._waiting:
+            start = self._clock()
+            if not self._waiting or start < self._next_turn:
                 return
-            self._busy = False
+            self._paused, self._invited, self._busy = True, self._waiting[0], False
+            self.turns += 1
             self._cond.notify_all()
-            self._cond.wait_for(lambda: not self._waiting and not self._busy)
-            self._busy = True
+            self._cond.wait_for(lambda: self._invited is None and not self._busy)
+            self._paused, self._busy = False, True
+            end = self._clock()
+            self._next_turn = end + (end - start) * (1 - self.share) / self.share
+            self._cond.notify_all()
+
+    def waiting(self) -> int:
+        """Callers waiting for the model."""
+        with self._cond:
+            return len(self._waiting)
 
 
 @dataclass(frozen=True)
