@@ -35,6 +35,7 @@ from .loading import (
     pick_cpu_threads,
     reconcile_config,
     resolve_checkpoint,
+    zero_gpu,
 )
 from .modeling import LEGACY_RENAMES, MetisHomeForConditionalGeneration, MetisHomeModel, MetisHomePreTrainedModel, is_gate
 from .routing import expert_index
@@ -224,9 +225,11 @@ def _save(model, source: Path, folder: Path) -> None:
     copy_preprocessing_files(source, folder)
 
 
-def load_router(path: str | Path, cpu_threads: int | None = None) -> LoadedModel:
+def load_router(path: str | Path, cpu_threads: int | None = None, device: str | None = None) -> LoadedModel:
     """The router model of an exported `router/` folder, ready for `Engine`. Every tensor
-    must be there with its shape: nothing is initialised at random."""
+    must be there with its shape: nothing is initialised at random. `device`: by default the
+    GPU where CUDA is usable (its prefill runs the shared vision tower and attention), except on
+    ZeroGPU, where CUDA may only be touched inside a GPU function."""
     from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -240,6 +243,9 @@ def load_router(path: str | Path, cpu_threads: int | None = None) -> LoadedModel
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if problems:
         raise CheckpointMismatch(f"router checkpoint {path} does not match its config: {problems}")
-    torch.set_num_threads(pick_cpu_threads(model, cpu_threads))
+    device = device or ("cuda" if torch.cuda.is_available() and not zero_gpu() else "cpu")
+    model.to(device)
+    if device == "cpu":
+        torch.set_num_threads(pick_cpu_threads(model, cpu_threads))
     model.eval()
     return LoadedModel(model, AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path))

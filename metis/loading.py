@@ -9,11 +9,12 @@ weight randomly initialised.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -32,6 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = ROOT / "assets" / "metis-home-tiny"
 EMBEDDED_NAMES = ("", "tiny", "embedded", "default")
 SMALL_CPU_MODEL = 100_000_000  # parameters; see pick_cpu_threads
+# Beyond this, a model that would land on CPU is refused unless asked for (METIS_ALLOW_CPU=1): the
+# 14B checkpoint in float32 needs ~52 GiB and answers at seconds per token, and landing there
+# silently usually means CUDA is broken (a wheel needing a newer driver), not a choice.
+CPU_MAX_PARAMS = 2_000_000_000
+PUBLISHED = "mmthinking/Metis-HOME"  # what a GPU host serves when no model is named
+REFERENCE_CONFIG = ROOT / "assets" / "reference" / "metis-home-config.json"
 PREPROCESSING_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "preprocessor_config.json", "chat_template.json", "chat_template.jinja", "added_tokens.json",
@@ -44,6 +51,10 @@ class CheckpointMismatch(ValueError):
 
 class NotEnoughGPUMemory(ValueError):
     """The model does not fit the GPUs; offloading the rest to CPU or disk was not asked for."""
+
+
+class NoUsableGPU(RuntimeError):
+    """A large model would run on CPU because CUDA is not usable; running there was not asked for."""
 
 
 def zero_gpu() -> bool:
@@ -65,6 +76,7 @@ class ModelInfo:
     memory_bytes: int
     routing: str
     cpu_threads: int  # torch's intra-op threads in this process
+    notice: str | None = None  # why this is not the model a GPU host would serve (load_default)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,8 +187,9 @@ def pick_runtime(device: str | None, dtype: str | None, attn: str | None,
         torch_dtype = getattr(torch, dtype)
     else:
         torch_dtype = (saved_dtype or torch.bfloat16) if on_gpu else torch.float32
-    if attn is None:
-        attn = "flash_attention_2" if on_gpu and _flash_attn_imports() else "sdpa"
+    if attn is None:  # flash-attention 2 runs only in fp16/bf16 (the tiny model is float32)
+        half = torch_dtype in (torch.float16, torch.bfloat16)
+        attn = "flash_attention_2" if on_gpu and half and _flash_attn_imports() else "sdpa"
     return device, torch_dtype, attn
 
 
@@ -246,16 +259,18 @@ def placement(config: MetisHomeConfig, device: str, dtype: torch.dtype, offload:
 
 def load(spec: str | None = None, device: str | None = None, dtype: str | None = None,
          attn_implementation: str | None = None, allow_pickle: bool = False, cpu_threads: int | None = None,
-         offload: bool | None = None) -> LoadedModel:
+         offload: bool | None = None, allow_cpu: bool | None = None) -> LoadedModel:
     """The checkpoint, ready for `Engine`.
 
     `device`: "cuda" spreads the model over every visible GPU, "cuda:N" puts it on that one.
-    `offload` (default: env METIS_OFFLOAD=1) lets a model larger than the GPUs spill to CPU/disk.
+    `offload` (default: env METIS_OFFLOAD=1) lets a model larger than the GPUs spill to CPU/disk;
+    `allow_cpu` (default: env METIS_ALLOW_CPU=1) lets a model over CPU_MAX_PARAMS run on CPU.
     On CPU this sets torch's intra-op threads for the process (`pick_cpu_threads`)."""
     if zero_gpu() and "spaces" not in sys.modules:
         raise RuntimeError("SPACES_ZERO_GPU is set but `spaces` was not imported before the model loaded: "
                            "import spaces first (app.py does), before torch touches CUDA")
     offload = os.environ.get("METIS_OFFLOAD") == "1" if offload is None else offload
+    allow_cpu = os.environ.get("METIS_ALLOW_CPU") == "1" if allow_cpu is None else allow_cpu
     path = resolve_checkpoint(spec, allow_pickle)
     config = MetisHomeConfig.from_pretrained(path)
     shapes = checkpoint_shapes(path, allow_pickle)
@@ -263,6 +278,8 @@ def load(spec: str | None = None, device: str | None = None, dtype: str | None =
         config = reconcile_config(config, shapes)
         check_checkpoint(config, shapes)
     device, torch_dtype, attn = pick_runtime(device, dtype, attn_implementation, config.dtype)
+    if device == "cpu" and not allow_cpu:
+        refuse_large_on_cpu(sum(math.prod(s) for s in shapes.values()))
     where = placement(config, device, torch_dtype, offload)
     model = MetisHomeForConditionalGeneration.from_pretrained(
         path, config=config, dtype=torch_dtype, attn_implementation=attn,
@@ -278,6 +295,48 @@ def load(spec: str | None = None, device: str | None = None, dtype: str | None =
     # image bounds: the checkpoint's own preprocessor config (the tiny model's fixes 112x112)
     return LoadedModel(model, tokenizer, image_processor, PromptConfig(),
                        describe(model, str(spec or "embedded tiny"), attn))
+
+
+def refuse_large_on_cpu(params: int) -> None:
+    if params <= CPU_MAX_PARAMS:
+        return
+    why = ("this PyTorch is a CPU-only build" if torch.version.cuda is None else
+           f"this PyTorch was built for CUDA {torch.version.cuda} but finds no usable GPU "
+           "(no GPU visible, or a driver older than the build needs)")
+    raise NoUsableGPU(
+        f"refusing to run a {params / 1e9:.1f}B-parameter model on CPU (float32: {params * 4 / 2**30:.0f} GiB, "
+        f"seconds per token): {why}. Fix CUDA, or set METIS_ALLOW_CPU=1 to run on CPU anyway.")
+
+
+def published_fits() -> str | None:
+    """None when the visible CUDA GPUs' free memory holds the published checkpoint (from its
+    config, as `metis size` counts it); otherwise why not, for the notice."""
+    from .sizing import GIB, RUNTIME_RESERVE_GIB, size_from_config
+
+    count = torch.cuda.device_count()
+    free = sum(torch.cuda.mem_get_info(i)[0] for i in range(count)) - count * RUNTIME_RESERVE_GIB * GIB
+    need = size_from_config(MetisHomeConfig.from_json_file(REFERENCE_CONFIG)).weight_bytes
+    if need <= free:
+        return None
+    return (f"{PUBLISHED} needs {need / GIB:.1f} GiB for its bf16 weights and the GPU{'s' if count > 1 else ''} "
+            f"here have {max(free, 0) / GIB:.1f} GiB free (after {RUNTIME_RESERVE_GIB:g} GiB kept per GPU)")
+
+
+def load_default(**kwargs) -> LoadedModel:
+    """No model named: on a CUDA host whose GPUs hold it, the published checkpoint; else, or when
+    it cannot load (no network, a mismatch, too little memory), the embedded tiny model with a
+    notice saying why. On CPU, the tiny model and no notice."""
+    if not torch.cuda.is_available():
+        return load(None, **kwargs)
+    why = published_fits()
+    if why is None:
+        try:
+            return load(PUBLISHED, **kwargs)
+        except Exception as exc:
+            why = f"{PUBLISHED} could not be loaded: {type(exc).__name__}: {exc}"
+    loaded = load(None, **kwargs)
+    notice = f"Serving the embedded tiny model, not the real one: {why}."
+    return replace(loaded, info=replace(loaded.info, notice=notice))
 
 
 def describe(model: MetisHomeForConditionalGeneration, checkpoint: str, attn: str) -> ModelInfo:

@@ -54,10 +54,12 @@ class ExpertMLP(nn.Module):
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over the sequence axis of [batch, seq, dim], counting only positions where mask is set."""
+    """Mean over the sequence axis of [batch, seq, dim], counting only positions where mask is set.
+    The mask is moved to `x`'s device: with layers spread over GPUs (accelerate's device map) the
+    hooks move hidden states, never the per-call routing that carries the mask."""
     if mask is None:
         return x.mean(dim=1)
-    mask = mask.to(x.dtype).unsqueeze(-1)
+    mask = mask.to(device=x.device, dtype=x.dtype).unsqueeze(-1)
     return (x * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
@@ -105,9 +107,9 @@ class MetisHomeMoeBlock(nn.Module):
             return self.experts[ids[0]](x)
         out = torch.empty_like(x)
         for e, expert in enumerate(self.experts):
-            rows = [i for i, chosen in enumerate(ids) if chosen == e]
-            if rows:
-                out[rows] = expert(x[rows])
+            if rows := [i for i, chosen in enumerate(ids) if chosen == e]:
+                index = torch.tensor(rows, device=x.device)
+                out.index_copy_(0, index, expert(x.index_select(0, index)))
         return out
 
     def _route_tokens(self, x: torch.Tensor, routing: Routing | None) -> torch.Tensor:
@@ -116,10 +118,23 @@ class MetisHomeMoeBlock(nn.Module):
         weights, chosen = logits.float().softmax(-1).topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
-        # Dispatch by index: (token, slot) pairs sorted by expert, and one host read of the group
-        # sizes per layer, the only GPU sync (branching on `sel.any()` and boolean indexing took
-        # two per expert). Groups keep ascending token order and experts add in index order, so
-        # the sums are those of per-expert masks, bit for bit.
+        decode = x.shape[1] == 1
+        out = (self._dispatch_dense if decode else self._dispatch_sorted)(x, weights, chosen)
+        if routing is not None and not routing.record.decided:
+            record = routing.record
+            record.layer_logits.append(masked_mean(logits, routing.prompt_mask))
+            if self.moe_index == 0:
+                record.token_logits = logits.detach()
+            # per row, over its own prompt tokens: a batch's padding and other rows stay out of it
+            thinks = (chosen[..., :1] == routing.thinking_expert).float()
+            record.token_think_shares.append(masked_mean(thinks, routing.prompt_mask).squeeze(-1))
+        return out
+
+    def _dispatch_sorted(self, x, weights, chosen):
+        """Prefill: (token, slot) pairs sorted by expert, each expert run on its own tokens. One
+        host read of the group sizes per layer (branching on `sel.any()` and boolean indexing took
+        two per expert). Groups keep ascending token order and experts add in index order, so the
+        sums are those of per-expert masks, bit for bit."""
         flat = x.reshape(-1, x.shape[-1])
         picks = chosen.flatten()
         order = picks.argsort(stable=True)
@@ -130,13 +145,17 @@ class MetisHomeMoeBlock(nn.Module):
         for expert, rows, w in zip(self.experts, tokens.split(sizes), scale.split(sizes)):
             if len(rows):
                 out.index_add_(0, rows, w * expert(flat[rows]))
-        out = out.view_as(x)
-        if routing is not None and not routing.record.decided:
-            record = routing.record
-            record.layer_logits.append(masked_mean(logits, routing.prompt_mask))
-            if self.moe_index == 0:
-                record.token_logits = logits.detach()
-            record.token_think_counts.append(float((chosen[..., 0] == routing.thinking_expert).float().mean()))
+        return out.view_as(x)
+
+    def _dispatch_dense(self, x, weights, chosen):
+        """Decode steps (one token per row): every expert runs on every row, weighted by the row's
+        gate weight for it (0 where not chosen), so no host read stalls the step (28 per token on
+        the real model otherwise). Rows of a batch that chose differently read both experts'
+        weights either way; the cost is one unused expert's reads at batch 1."""
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            weight = (weights * (chosen == e)).sum(-1, keepdim=True).to(x.dtype)
+            out = out + weight * expert(x)
         return out
 
 

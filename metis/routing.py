@@ -55,7 +55,7 @@ class RoutingRecord:
     expert_ids: list[int] = field(default_factory=list)  # same, as host ints for the hot path
     layer_logits: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, [batch, experts]
     token_logits: torch.Tensor | None = None  # deciding layer's gate per token, [batch, seq, experts]
-    token_think_counts: list[float] = field(default_factory=list)
+    token_think_shares: list[torch.Tensor] = field(default_factory=list)  # token mode: per layer, [batch]
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,7 +95,7 @@ class Routing:
         device = pooled_logits.device
         if self.labels is not None:
             return self.labels.to(device, torch.long)
-        p_think = (pooled_logits.float() / self.temperature).softmax(-1)[:, self.thinking_expert]
+        p_think = (pooled_logits.float() / self.temperature).softmax(-1).select(-1, self.thinking_expert)
         rows = self.rows or ((self.mode, self.threshold),) * len(p_think)
         chosen = [expert_index("think" if mode == "think" or (mode == "auto" and p >= threshold) else "direct",
                                self.thinking_expert) for (mode, threshold), p in zip(rows, p_think.tolist())]
@@ -121,8 +121,8 @@ class Routing:
             raise RuntimeError("no routing happened: the model has no MoE layer or was not called")
         per_layer = self.p_think(sample)
         if self.mode == "token":
-            counts = self.record.token_think_counts
-            share = sum(counts) / max(len(counts), 1)
+            shares = [float(layer[sample]) for layer in self.record.token_think_shares]
+            share = sum(shares) / max(len(shares), 1)
             return RoutingTrace(per_layer[0], "token", per_layer, self.mode, self.threshold, share)
         mode, threshold = self.rows[sample] if self.rows is not None else (self.mode, self.threshold)
         decision = expert_label(int(self.record.expert[sample]), self.thinking_expert)

@@ -31,7 +31,9 @@ RUNTIME_RESERVE_GIB = 3.0
 # rate; transformers' generate loop reaches about an eighth of that bound on a 7B model (kernel
 # launches and Python per step). ZeroGPU runs on H200s (4.8 TB/s). A measured rate
 # (bench/gpu.py on the target GPU) replaces the estimate via METIS_DECODE_TOKENS_PER_S.
-ZEROGPU_BANDWIDTH = 4.8e12  # bytes/s
+# A ZeroGPU workload gets a slice of an H200 (70 of its 141 GB), and so about that share of its
+# 4.8 TB/s; counting the whole GPU made reservations about twice too short.
+ZEROGPU_BANDWIDTH = 4.8e12 * 70 / 141  # bytes/s
 GENERATE_EFFICIENCY = 0.12
 # (flavor, GPUs, GB of memory per GPU) as Hugging Face lists its Spaces hardware.
 SPACES_TIERS = [

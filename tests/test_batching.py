@@ -258,7 +258,8 @@ def test_app_takes_max_batch_from_its_flag_and_the_other_limits_from_the_environ
             "print(json.dumps(dataclasses.asdict(app.engine.batch)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"max_batch": 3, "max_batch_tokens": 999, "gather_s": 0.02}
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"max_batch": 3, "max_batch_tokens": 999, "gather_s": 0.02,
+                                                                 "max_kv_tokens": None}
 
 
 

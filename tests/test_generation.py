@@ -203,11 +203,11 @@ def test_abandoned_stream_frees_the_worker(engine):
 
 def test_thinking_budget_forces_the_close_tag():
     budget = ThinkingBudget(budget=3, close_ids=[7, 8])
-    seq = [5, 5, 5]  # 3 thinking tokens: budget reached
-    assert budget.forced(seq) == 7
-    assert budget.forced(seq + [7]) == 8
-    assert budget.forced(seq + [7, 8]) is None  # closed: free again
-    assert budget.forced(seq + [7, 8, 5]) is None
+    assert budget.forced([5, 5]) is None
+    assert budget.forced([5]) == 7  # 3 thinking tokens: budget reached
+    assert budget.forced([7]) == 8  # only the new tokens are handed over
+    assert budget.forced([8]) is None  # closed: free again
+    assert budget.forced([5]) is None
 
 
 def test_row_budgets_force_only_their_own_row():

@@ -205,7 +205,7 @@ def _replay(tokenizer, text: str, budget: int) -> list[bool]:
     hidden = set(tokenizer.all_special_ids)
     generated = tokenizer(text, add_special_tokens=False)["input_ids"]
     processor = ThinkingBudget(budget, close, IncrementalDecoder(tokenizer, hidden))
-    return [processor.forced(generated[:n]) is not None for n in range(len(generated) + 1)]
+    return [processor.forced(generated[n - 1 : n]) is not None for n in range(len(generated) + 1)]
 
 
 def test_real_vocabulary_splits_the_tags(qwen):
@@ -230,12 +230,11 @@ def test_budget_forces_the_close_when_the_reasoning_runs_on(qwen):
     close = qwen("</think>", add_special_tokens=False)["input_ids"]
     hidden = set(qwen.all_special_ids)
     processor = ThinkingBudget(3, close, IncrementalDecoder(qwen, hidden))
-    sequence = qwen("<think>\nfirst, second, third", add_special_tokens=False)["input_ids"]
+    new = qwen("<think>\nfirst, second, third", add_special_tokens=False)["input_ids"]
     for expected in close:  # one token of </think> per step
-        assert processor.forced(sequence) == expected
-        sequence.append(expected)
-    sequence += qwen("\n<answer>3", add_special_tokens=False)["input_ids"]
-    assert processor.forced(sequence) is None
+        assert processor.forced(new) == expected
+        new = [expected]
+    assert processor.forced(new + qwen("\n<answer>3", add_special_tokens=False)["input_ids"]) is None
 
 
 # -- 7. bench on a GPU host ------------------------------------------------------------------------

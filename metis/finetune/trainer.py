@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..loading import zero_gpu
 from . import metrics
 from .export import ROUTER_FILE, save_router
 from .features import Features
@@ -131,7 +132,9 @@ class RouterTrainer:
         self.think = features.thinking_expert
         self.names = list(features.router)
         self.dtype = next(iter(features.router.values())).dtype
-        self.accelerator = accelerator or Accelerator()
+        # On ZeroGPU, `spaces` reports CUDA in this request thread but forbids initialising it
+        # outside a GPU function; the gates are a few thousand numbers, so they train on CPU there.
+        self.accelerator = accelerator or Accelerator(cpu=zero_gpu())
         self.gates = GateStack(list(features.router.values()))
         train_idx, val_idx = split(len(features.targets), self.settings.val_fraction, self.settings.seed)
         device = self.accelerator.device

@@ -39,8 +39,8 @@ class Prefilled:
 class RowEnd:
     """The last message of a row: why it stopped, and the error if the batch failed."""
 
-    reason: str  # "eos", "end_of_answer", "max_new_tokens", "deadline", "cancelled" or "error"
-    error: BaseException | None = None
+    reason: str  # "eos", "end_of_answer", "max_new_tokens", "deadline", "cancelled", "out_of_memory" or "error"
+    error: BaseException | None = None  # without its traceback, whose frames would keep the batch's tensors
 
 
 @dataclass(eq=False)
@@ -53,6 +53,21 @@ class Row:
     cancel: threading.Event = field(default_factory=threading.Event)
     router: dict | None = None  # a session's fine-tuned gates, for this request only
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    # what its consumer already has, kept across an out-of-memory retry (engine.Engine._run_batch)
+    sent: list[int] = field(default_factory=list)  # token ids delivered
+    routed: bool = False  # its `Prefilled` was delivered
+    ended: bool = False  # its `RowEnd` was delivered
+    deadline: float | None = None  # perf_counter time; set when it first runs
+
+    def route(self, prefilled: Prefilled) -> None:
+        if not self.routed:
+            self.routed = True
+            self.out.put(prefilled)
+
+    def end(self, end: RowEnd) -> None:
+        if not self.ended:
+            self.ended = True
+            self.out.put(end)
 
     @property
     def prompt_tokens(self) -> int:
@@ -77,35 +92,56 @@ class ThinkingBudget:
 
     def __init__(self, budget: int, close_ids: list[int], decoder: IncrementalDecoder | None = None):
         self.budget, self.close = budget, close_ids
-        self.decoder, self.parser, self.read = decoder, OutputParser(), 0
+        self.decoder, self.parser = decoder, OutputParser()
+        self.generated, self.tail = 0, []  # tokens so far, and the last len(close) of them
         self.closed = False
 
-    def forced(self, generated: list[int]) -> int | None:
-        """The token this row must take next, or None when it is free."""
+    def forced(self, new: list[int]) -> int | None:
+        """The token this row must take next, given the tokens generated since the last call (only
+        those cross to the host: a whole answer per step would grow quadratically)."""
+        self.generated += len(new)
+        self.tail = (self.tail + new)[-len(self.close) :]
         if self.decoder is not None:
-            for token in generated[self.read :]:
+            for token in new:
                 self.parser.feed(self.decoder.push(token))
-            self.read = len(generated)
             self.closed |= self.parser.state not in ("start", "think")  # past </think>, or no reasoning
-        if generated[-len(self.close) :] == self.close:
+        if self.tail == self.close:
             self.closed = True  # fully forced
-        if self.closed or len(generated) < self.budget:
+        if self.closed or self.generated < self.budget:
             return None
-        done = next((n for n in range(len(self.close) - 1, 0, -1) if generated[-n:] == self.close[:n]), 0)
+        done = next((n for n in range(len(self.close) - 1, 0, -1) if self.tail[-n:] == self.close[:n]), 0)
         return self.close[done]
 
 
 class RowBudgets(LogitsProcessor):
-    """Each row's `ThinkingBudget` (None: no budget) applied to its own scores."""
+    """Each row's `ThinkingBudget` (None: no budget) applied to its own scores; one host read of
+    the batch's newest tokens per step."""
 
     def __init__(self, budgets: list[ThinkingBudget | None], prompt_len: int):
         self.budgets, self.prompt_len = budgets, prompt_len
 
     def __call__(self, input_ids, scores):
+        last = input_ids[:, -1].tolist() if input_ids.shape[1] > self.prompt_len else None
         for row, budget in enumerate(self.budgets):
-            if budget is not None and (token := budget.forced(input_ids[row, self.prompt_len :].tolist())) is not None:
+            if budget is not None and (token := budget.forced([] if last is None else [last[row]])) is not None:
                 scores[row] = float("-inf")
                 scores[row, token] = 0.0
+        return scores
+
+
+class Replay(LogitsProcessor):
+    """After an out-of-memory retry, each row first regenerates the tokens its user already has
+    (`Row.sent`): forced, so a sampled row continues its own answer rather than a new one."""
+
+    def __init__(self, rows: list[Row], prompt_len: int):
+        self.sent, self.prompt_len = [r.sent for r in rows], prompt_len
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_len
+        for row, sent in enumerate(self.sent):
+            if step < len(sent):
+                scores[row] = float("-inf")
+                scores[row, sent[step]] = 0.0
         return scores
 
 
@@ -124,6 +160,7 @@ class RowStreamer(BaseStreamer):
 
     def __init__(self, rows: list[Row], on_prefill: Callable[[], None]):
         self.rows, self.on_prefill = rows, on_prefill
+        self.replayed = [len(r.sent) for r in rows]  # steps its consumer already has (a retry)
         self.ends: list[tuple[int, str] | None] = [None] * len(rows)  # (last step, reason) once decided
         self.done = [False] * len(rows)  # its RowEnd is sent
         self.step = 0
@@ -145,7 +182,8 @@ class RowStreamer(BaseStreamer):
         for row, token in enumerate(value.reshape(len(self.rows), -1)[:, 0].tolist()):
             if self.done[row]:
                 continue
-            self._pending[row].append(token)
+            if self.step > self.replayed[row]:
+                self._pending[row].append(token)
             if self.ends[row] is not None and self.ends[row][0] <= self.step:
                 self.finish(row, self.ends[row][1])
         now = time.perf_counter()
@@ -159,7 +197,7 @@ class RowStreamer(BaseStreamer):
         if not self.done[row]:
             self._flush(row)
             self.done[row] = True
-            self.rows[row].out.put(RowEnd(reason, error))
+            self.rows[row].end(RowEnd(reason, error))
 
     def end(self):
         for row in range(len(self.rows)):
@@ -167,6 +205,7 @@ class RowStreamer(BaseStreamer):
 
     def _flush(self, row: int) -> None:
         if self._pending[row]:
+            self.rows[row].sent += self._pending[row]
             self.rows[row].out.put(self._pending[row])
             self._pending[row] = []
 
@@ -210,9 +249,8 @@ class RowStops(StoppingCriteria):
     routing-only calls use the model between two decode steps)."""
 
     def __init__(self, rows: list[Row], streamer: RowStreamer, prompt_len: int, rules: StopRules,
-                 max_seconds: float, between_steps: Callable[[], None]):
+                 between_steps: Callable[[], None]):
         self.rows, self.streamer, self.prompt_len, self.rules = rows, streamer, prompt_len, rules
-        self.deadline = time.perf_counter() + max_seconds
         self.between_steps = between_steps
 
     def __call__(self, input_ids, scores, **kwargs):
@@ -220,11 +258,11 @@ class RowStops(StoppingCriteria):
         last = input_ids[:, -1].tolist()
         by_string = (self.rules.stop_strings(input_ids, scores).tolist() if self.rules.stop_strings
                      else [False] * len(last))
-        late = time.perf_counter() >= self.deadline
+        now = time.perf_counter()
         for row, r in enumerate(self.rows):
             if self.streamer.ends[row] is None and (reason := stop_reason(
                     last[row], generated, r.settings, self.rules, closed_by_string=by_string[row],
-                    cancelled=r.cancel.is_set(), late=late)):
+                    cancelled=r.cancel.is_set(), late=now >= r.deadline)):
                 self.streamer.stop(row, generated, reason)
         self.between_steps()
         return torch.tensor([end is not None for end in self.streamer.ends], device=input_ids.device)

@@ -9,9 +9,11 @@ state (Qwen2.5-VL's rope offsets, the loaded gates) is only touched by whoever h
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,10 +24,10 @@ from ..explain import explain
 from ..finetune.data import Example
 from ..finetune.export import check_router
 from ..finetune.features import Features, feature_steps
-from ..loading import LoadedModel
+from ..loading import LoadedModel, zero_gpu
 from ..prompting import Message, PromptBuilder, left_pad
 from ..routing import RoutingTrace
-from ..sizing import decode_tokens_per_s
+from ..sizing import RUNTIME_RESERVE_GIB, decode_tokens_per_s
 from ..streaming import (
     ANSWER_CLOSE,
     THINK_CLOSE,
@@ -39,7 +41,18 @@ from ..streaming import (
     Progress,
     Routed,
 )
-from .batch import Prefilled, Row, RowBudgets, RowEnd, RowStops, RowStreamer, StopRules, ThinkingBudget, generate_arguments
+from .batch import (
+    Prefilled,
+    Replay,
+    Row,
+    RowBudgets,
+    RowEnd,
+    RowStops,
+    RowStreamer,
+    StopRules,
+    ThinkingBudget,
+    generate_arguments,
+)
 from .interface import Answer, GenerationSettings, ModelDescription, collect
 from .scheduler import BatchLimits, ModelSlot, Scheduler
 from .tuning import RouterProbe, save_checkpoint
@@ -72,22 +85,24 @@ class Engine:
         self.limits = RequestLimits.from_env()  # prompt tokens and seconds per request (metis/budget.py)
         self.stops = StopRules(self.eos_ids, answer_close if one_token else [],
                                None if one_token else StopStringCriteria(tokenizer, [ANSWER_CLOSE]))
-        self.batch = batch or BatchLimits.from_env()
+        self.batch = kv_token_budget(model, batch or BatchLimits.from_env())
         self.slot = ModelSlot()
-        self.scheduler = Scheduler(self._generate, self.batch, self.slot)
+        self.scheduler = Scheduler(self._run_batch, self.batch, self.slot)
         self.shipped_router = {k: v.clone() for k, v in model.router_state_dict().items()}
         self._gates_of = None  # the session router whose gates are loaded; None: the shipped ones
 
     @property
     def concurrency(self) -> int:
-        """Answers in flight: one batch; later ones wait in the app's queue."""
-        return self.batch.max_batch
+        """Answers in flight: one batch; later ones wait in the app's queue. On ZeroGPU one: each
+        call is its own GPU reservation in its own worker, which moves the weights in, so calls
+        never meet in a batch and parallel ones only multiply the reservations."""
+        return 1 if zero_gpu() else self.batch.max_batch
 
     @classmethod
     def load(cls, spec: str | None = None, batch: BatchLimits | None = None, **kwargs) -> "Engine":
-        from ..loading import load
+        from ..loading import load, load_default
 
-        return cls(load(spec, **kwargs), batch=batch)
+        return cls(load(spec, **kwargs) if spec else load_default(**kwargs), batch=batch)
 
     # -- what the UI shows and fine-tuning uses (serving/interface.py) ---------------------------
     @property
@@ -138,9 +153,10 @@ class Engine:
         settings = settings or GenerationSettings()
         start = time.perf_counter()
         messages, note = self._within_limits(messages)
+        row = Row(self.prompts.build(messages), settings, cancel or threading.Event(), router)
+        self._check_fits(row)
         if note:
             yield Notice(note)
-        row = Row(self.prompts.build(messages), settings, cancel or threading.Event(), router)
         self.scheduler.submit(row)
         decoder = IncrementalDecoder(self.tokenizer, self.hidden_ids)
         parser = OutputParser()
@@ -165,7 +181,11 @@ class Engine:
             row.cancel.set()  # a consumer that stops early (closed browser tab) frees its row
         total = time.perf_counter() - start
         stats = GenerationStats(ttft or total, total, tokens, thinking, item.reason)
-        if item.error is not None:
+        if item.reason == "out_of_memory":
+            yield Failed(f"The GPU ran out of memory for this answer, even alone ({row.prompt_tokens} prompt tokens, "
+                         f"up to {settings.max_new_tokens} new ones): lower max_new_tokens, send fewer or smaller "
+                         "images, or start a shorter conversation.", stats)
+        elif item.error is not None:
             yield Failed(f"Generation failed: {type(item.error).__name__}: {item.error}", stats)
         else:
             yield Done(stats)
@@ -174,17 +194,38 @@ class Engine:
         return collect(self.stream(messages, settings, **kwargs))
 
     # -- one batch --------------------------------------------------------------------------------
-    def _generate(self, rows: list[Row]) -> None:
-        """One `generate` call for `rows` (the scheduler's worker thread, holding the slot)."""
+    def _run_batch(self, rows: list[Row]) -> None:
+        """The scheduler's worker thread, holding the slot. A batch that runs out of GPU memory is
+        freed and retried in halves, down to one row; each row resumes where its user is
+        (`Row.sent`), so every user gets the answer they would get alone."""
+        now = time.perf_counter()
+        for row in rows:
+            row.deadline = row.deadline or now + self.limits.max_seconds
+        parts = [rows]
+        while parts:
+            part = parts.pop(0)
+            if self._generate(part):
+                continue
+            free_accelerator_memory()
+            left = [r for r in part if not r.ended]
+            if len(left) > 1:
+                parts[:0] = [left[: len(left) // 2], left[len(left) // 2 :]]
+            elif left:
+                left[0].end(RowEnd("out_of_memory"))
+
+    def _generate(self, rows: list[Row]) -> bool:
+        """One `generate` call for `rows`; False when it ran out of memory (its rows still open)."""
         batch = left_pad([r.inputs for r in rows], self.tokenizer.pad_token_id)
         inputs = self._on_device(batch)
         prompt_len = inputs["input_ids"].shape[1]
         routing = self._routing(inputs, [r.settings for r in rows])
-        streamer = RowStreamer(rows, lambda: [r.out.put(Prefilled(routing, i, batch["input_ids"])) for i, r in enumerate(rows)])
+        streamer = RowStreamer(rows, lambda: [r.route(Prefilled(routing, i, batch["input_ids"])) for i, r in enumerate(rows)])
         budgets = [None if r.settings.thinking_budget is None else
                    ThinkingBudget(r.settings.thinking_budget, self.close_ids, IncrementalDecoder(self.tokenizer, self.hidden_ids))
                    for r in rows]
-        stops = RowStops(rows, streamer, prompt_len, self.stops, self.limits.max_seconds, self.slot.pause)
+        processors = ([RowBudgets(budgets, prompt_len)] if any(budgets) else []) + (
+            [Replay(rows, prompt_len)] if any(r.sent for r in rows) else [])
+        stops = RowStops(rows, streamer, prompt_len, self.stops, self.slot.pause)
         error = None
         try:
             with self._gates(rows[0].router), torch.inference_mode():
@@ -192,15 +233,19 @@ class Engine:
                     torch.manual_seed(rows[0].settings.seed)
                 self.model.generate(
                     **inputs, routing=routing, streamer=streamer,
-                    logits_processor=LogitsProcessorList([RowBudgets(budgets, prompt_len)] if any(budgets) else []),
+                    logits_processor=LogitsProcessorList(processors),
                     stopping_criteria=StoppingCriteriaList([stops]),
                     **generate_arguments(rows, self.stops, self.tokenizer.pad_token_id),
                 )
+        except torch.OutOfMemoryError:  # leaving this block drops the traceback and its tensors
+            streamer.end()  # what each user got up to the failed step stays theirs
+            return False
         except BaseException as exc:  # every row still open reports it as a Failed event
-            error = exc
+            error = exc.with_traceback(None)
         streamer.end()
         for i, end in enumerate(streamer.ends):  # without an error, a row still open reached the token limit
             streamer.finish(i, "error" if error else end[1] if end else "max_new_tokens", error)
+        return True
 
     # -- helpers --------------------------------------------------------------------------------
     def _routing(self, inputs: dict, settings: list[GenerationSettings]):
@@ -226,6 +271,15 @@ class Engine:
         """The messages within this server's prompt budget (metis/budget.py), and a note if trimmed."""
         return fit(self.prompts, messages, self.prompt_limit(), self.limits.overflow)
 
+    def _check_fits(self, row: Row) -> None:
+        """Refuse, with the numbers, a request whose KV cache could never fit, even alone."""
+        length = row.prompt_tokens + row.settings.max_new_tokens
+        if not self.batch.kv_fits(1, length):
+            raise ValueError(
+                f"This request needs room for {length:,} tokens of KV cache ({row.prompt_tokens:,} prompt + "
+                f"{row.settings.max_new_tokens:,} new), and this server has room for {self.batch.max_kv_tokens:,}: "
+                "lower max_new_tokens, or send a shorter conversation or smaller images.")
+
     def _on_device(self, tensors: dict) -> dict:
         return {k: v.to(self.model.device) for k, v in tensors.items()}
 
@@ -245,3 +299,28 @@ class Engine:
     def _load_gates(self, router: dict | None) -> None:
         self.model.load_state_dict(self.shipped_router if router is None else router, strict=False)
         self._gates_of = router
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of keys and values one token adds to the cache, over every decoder layer."""
+    text = model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * model.dtype.itemsize
+
+
+def kv_token_budget(model, limits: BatchLimits) -> BatchLimits:
+    """`limits` with a KV-cache budget on CUDA when none was set: the GPUs' free memory after
+    loading, less RUNTIME_RESERVE_GIB each for activations (sizing.py), in tokens."""
+    if limits.max_kv_tokens is not None or model.device.type != "cuda":
+        return limits
+    gpus = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+    free = sum(max(0, torch.cuda.mem_get_info(i)[0] - int(RUNTIME_RESERVE_GIB * 2**30)) for i in gpus)
+    return replace(limits, max_kv_tokens=max(1, free // kv_bytes_per_token(model)))
+
+
+def free_accelerator_memory() -> None:
+    """After an out-of-memory error: collect what its frames held, and hand the cached blocks
+    back to CUDA so that the retry starts from a clean allocator."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -97,18 +97,28 @@ class BatchLimits:
     # the batch that just ended ask again within milliseconds (BENCHMARKS.md: at 16 users the mean
     # batch went from 9 to 16 rows). A request that finds the model idle starts at once.
     gather_s: float = 0.005
+    # KV-cache positions a batch may hold: rows x (longest prompt + longest answer allowed), since
+    # a padded batch keeps every row as long as its longest. None: unbounded (CPU, unless set);
+    # on CUDA the engine sets it from the free memory (Engine.kv_token_budget).
+    max_kv_tokens: int | None = None
 
     def __post_init__(self):
-        if self.max_batch < 1 or self.max_batch_tokens < 1:
-            raise ValueError(f"batch limits must be positive, got {self.max_batch} rows, {self.max_batch_tokens} tokens")
+        if self.max_batch < 1 or self.max_batch_tokens < 1 or (self.max_kv_tokens is not None and self.max_kv_tokens < 1):
+            raise ValueError(f"batch limits must be positive, got {self.max_batch} rows, {self.max_batch_tokens} tokens, "
+                             f"{self.max_kv_tokens} KV-cache tokens")
+
+    def kv_fits(self, rows: int, length: int) -> bool:
+        """Whether `rows` rows, each `length` positions long, fit the KV-cache budget."""
+        return self.max_kv_tokens is None or rows * length <= self.max_kv_tokens
 
     @classmethod
     def from_env(cls) -> "BatchLimits":
-        """METIS_MAX_BATCH, METIS_MAX_BATCH_TOKENS and METIS_BATCH_GATHER_S (server settings;
-        `--max-batch` sets the first)."""
+        """METIS_MAX_BATCH, METIS_MAX_BATCH_TOKENS, METIS_BATCH_GATHER_S and METIS_MAX_KV_TOKENS
+        (server settings; `--max-batch` sets the first)."""
         env = os.environ.get
+        kv = env("METIS_MAX_KV_TOKENS")
         return cls(int(env("METIS_MAX_BATCH", cls.max_batch)), int(env("METIS_MAX_BATCH_TOKENS", cls.max_batch_tokens)),
-                   float(env("METIS_BATCH_GATHER_S", cls.gather_s)))
+                   float(env("METIS_BATCH_GATHER_S", cls.gather_s)), int(kv) if kv else None)
 
 
 class Scheduler:
@@ -170,22 +180,24 @@ class Scheduler:
                     self.run_batch(batch)
                 except BaseException as exc:  # never lose a consumer: every row gets its end
                     for row in batch:
-                        row.out.put(RowEnd("error", exc))
+                        row.end(RowEnd("error", exc.with_traceback(None)))
 
     def _take(self) -> list[Row]:
         for row in [r for r in self._waiting if r.cancel.is_set()]:  # stopped before it started
             self._waiting.remove(row)
-            row.out.put(RowEnd("cancelled"))
+            row.end(RowEnd("cancelled"))
         if not self._waiting:
             return []
         first = self._waiting.popleft()
-        key, batch, longest = first.key(), [first], first.prompt_tokens
+        key, batch = first.key(), [first]
+        longest, answer = first.prompt_tokens, first.settings.max_new_tokens
         for row in list(self._waiting):
             if len(batch) == self.limits.max_batch:
                 break
-            wider = max(longest, row.prompt_tokens)
-            if row.key() == key and (len(batch) + 1) * wider <= self.limits.max_batch_tokens:
+            wider, longer = max(longest, row.prompt_tokens), max(answer, row.settings.max_new_tokens)
+            if (row.key() == key and (len(batch) + 1) * wider <= self.limits.max_batch_tokens
+                    and self.limits.kv_fits(len(batch) + 1, wider + longer)):
                 batch.append(row)
-                longest = wider
+                longest, answer = wider, longer
                 self._waiting.remove(row)
         return batch
