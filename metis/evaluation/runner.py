@@ -37,6 +37,9 @@ class RunSettings:
     max_new_tokens: int = 1024
     workers: int = 16  # answers in flight at once
 
+    def __post_init__(self):
+        self.generation("auto")  # out-of-range settings are refused (ValueError) before any answer
+
     def generation(self, mode: str) -> GenerationSettings:
         return GenerationSettings(mode=mode, threshold=self.threshold, max_new_tokens=self.max_new_tokens)
 

@@ -17,9 +17,10 @@ CSS = """
 """
 
 
-def build_demo(backend_or_error) -> gr.Blocks:
+def build_demo(backend_or_error, finetune: bool = True) -> gr.Blocks:
     """Blocks for a backend (serving/interface.py), or for an exception/message when loading failed.
-    Everything below reads the backend through that interface only."""
+    Everything below reads the backend through that interface only. `finetune` False leaves the
+    fine-tuning tab out (a public deployment, METIS_FINETUNE=0)."""
     backend = (UnavailableEngine(backend_or_error) if isinstance(backend_or_error, BaseException | str)
                else backend_or_error)
     runner = Runner(backend)
@@ -40,10 +41,14 @@ def build_demo(backend_or_error) -> gr.Blocks:
         with gr.Tab("Compare experts"):
             compare.build(runner, session, router)
         if backend.available:
+            from .evaluate import build_evaluate_tab
             from .finetune import build_finetune_tab
 
-            with gr.Tab("Fine-tune router"):
-                build_finetune_tab(runner, router)
+            if finetune:
+                with gr.Tab("Fine-tune router"):
+                    build_finetune_tab(runner, router)
+            with gr.Tab("Evaluate"):
+                build_evaluate_tab(runner, router, backend.default_threshold)
         with gr.Tab("Model"):
             model_tab.build(backend.describe(), backend.error)
     return demo

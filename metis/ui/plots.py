@@ -83,3 +83,30 @@ def history_figure(records: list[Record]) -> go.Figure:
 
 def _expert(decision: str) -> str:
     return {"think": "thinking expert", "direct": "direct expert"}.get(decision, "per-token routing")
+
+
+def tradeoff_figure(report: dict) -> go.Figure:
+    """Accuracy against mean tokens of auto routing at every threshold of the report's curve
+    (computed from the think and direct runs), with always-think and always-direct as its end
+    points and the threshold in use marked."""
+    curve, modes = report["curve"], report["modes"]
+    fig = go.Figure(go.Scatter(
+        x=[p["mean_tokens"] for p in curve], y=[p["accuracy"] for p in curve], mode="lines+markers",
+        line={"color": "#94a3b8"}, marker={"size": 7, "color": MUTED}, name="auto at threshold t",
+        customdata=[[p["threshold"], p["think_share"]] for p in curve],
+        hovertemplate="t=%{customdata[0]:.2f}: %{y:.1%} correct, %{x:.1f} tokens, "
+                      "%{customdata[1]:.0%} thinking<extra></extra>"))
+    for mode, colour, label in (("think", THINK, "always think"), ("direct", DIRECT, "always direct")):
+        fig.add_scatter(x=[modes[mode]["mean_tokens"]], y=[modes[mode]["accuracy"]], mode="markers+text",
+                        marker={"size": 13, "color": colour, "symbol": "square"}, text=[label],
+                        textposition="top center", name=label, hoverinfo="skip")
+    used = next(p for p in curve if p["threshold"] == report["threshold"])
+    fig.add_scatter(x=[used["mean_tokens"]], y=[used["accuracy"]], mode="markers+text",
+                    marker={"size": 16, "color": "#f59e0b", "symbol": "star"}, textposition="bottom center",
+                    text=[f"threshold {used['threshold']:.2f}"], name="threshold in use", hoverinfo="skip")
+    fig.update_xaxes(title="mean tokens per answer")
+    fig.update_yaxes(title="accuracy", range=[-0.05, 1.08], tickformat=".0%")
+    _layout(fig, f"Trade-off: auto at threshold {used['threshold']:.2f} is {used['accuracy']:.1%} correct "
+                 f"with {used['mean_tokens']:.1f} tokens")
+    fig.update_layout(height=360)
+    return fig
