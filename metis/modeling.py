@@ -126,7 +126,7 @@ class MetisHomeMoeBlock(nn.Module):
             if self.moe_index == 0:
                 record.token_logits = logits.detach()
             # per row, over its own prompt tokens: a batch's padding and other rows stay out of it
-            thinks = (chosen[..., :1] == routing.thinking_expert).float()
+            thinks = (chosen.narrow(-1, 0, 1) == routing.thinking_expert).float()
             record.token_think_shares.append(masked_mean(thinks, routing.prompt_mask).squeeze(-1))
         return out
 
