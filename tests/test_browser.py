@@ -169,3 +169,31 @@ def test_readme_screenshots_of_the_embedded_model(browser, tmp_path):
         page.close()
         demo.close()
     assert all((README_SHOTS / f"{name}.png").stat().st_size > 20_000 for name in ("chat", "compare", "finetune"))
+
+
+def test_evaluate_tab_upload_to_plot(browser, tmp_path):
+    """The embedded model on an uploaded 4-question dataset: progress, tables and the curve."""
+    import json
+
+    from metis.serving.engine import Engine
+
+    rows = []
+    for i, s in enumerate(world.generate("test", 4, wording="test")):
+        s.image.save(tmp_path / f"q{i}.png")
+        rows.append({"question": s.question, "images": [f"q{i}.png"], "answer": s.answer})
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    demo, page = open_app(browser, Engine.load(), tmp_path)
+    try:
+        page.get_by_role("tab", name="Evaluate").click()
+        files = page.locator("#evaluate-files")
+        files.locator("input[type=file]").set_input_files([tmp_path / "mine.jsonl"]
+                                                          + [tmp_path / f"q{i}.png" for i in range(4)])
+        files.get_by_text("mine.jsonl").wait_for(timeout=30_000)  # uploaded
+        page.locator("#evaluate-start").click()
+        page.locator("#evaluate-curve").get_by_text("Trade-off: auto at threshold").wait_for(timeout=120_000)
+        assert "4 questions" in page.locator("#evaluate-status").inner_text()
+        page.get_by_text("Download per-question results").wait_for(timeout=30_000)
+        page.screenshot(path=SHOTS / "evaluate.png", full_page=True)
+    finally:
+        page.close()
+        demo.close()

@@ -199,8 +199,11 @@ def test_the_shipped_samples_are_what_the_generator_draws(tmp_path):
     real = load_questions(samples.REAL_FILE)
     assert [is_correct(out, q.answer, q.choices) for out, q in
             zip(["B", "58", "x = 70°", "$14.40", "7.40", "Corner Cafe."], real)] == [True] * 6
-    assert samples.sample_for(None) == samples.sample_for({"checkpoint": "/x/assets/metis-home-tiny"}) != \
-        samples.sample_for({"checkpoint": "mmthinking/Metis-HOME"})
+    tiny, real = samples.SAMPLES
+    assert {samples.sample_for(info) for info in (None, {"checkpoint": "embedded tiny"},
+                                                   {"checkpoint": "/x/assets/metis-home-tiny"})} == {tiny}
+    assert {samples.sample_for(info) for info in ({"checkpoint": "mmthinking/Metis-HOME"},
+                                                   {"router": "r", "think_endpoint": "http://x"})} == {real}
 
 
 # -- the CLI and the tab ------------------------------------------------------------------------------

@@ -49,8 +49,8 @@ REAL_QUESTIONS = [
 def sample_for(info: dict | None) -> str:
     """The built-in dataset that suits a backend (its Model tab rows): the tiny one for the
     embedded model or when nothing loaded, the real model's for any other checkpoint or server."""
-    names = list(SAMPLES)
-    return names[0] if not info or "metis-home-tiny" in str(info.get("checkpoint", "")) else names[1]
+    names, checkpoint = list(SAMPLES), str((info or {}).get("checkpoint", "")).lower()
+    return names[0] if not info or "embedded tiny" in checkpoint or "metis-home-tiny" in checkpoint else names[1]
 
 
 def tiny_samples() -> list[world.Sample]:

@@ -154,9 +154,8 @@ def build_evaluate_tab(runner: Runner, session_router: gr.State, threshold: floa
         stop = gr.Button("Cancel", variant="stop")
     o.status.render()
     o.curve.render()
-    with gr.Row():
-        o.modes.render()
-        o.categories.render()
+    o.modes.render()
+    o.categories.render()
     o.download.render()
     start.click(tab.prepare, state, o.status, queue=False, **PRIVATE).then(
         tab.start, [files, sample, threshold_slider, max_new_tokens, limit, state, session_router], o.components(),

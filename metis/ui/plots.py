@@ -105,7 +105,7 @@ def tradeoff_figure(report: dict) -> go.Figure:
                     marker={"size": 16, "color": "#f59e0b", "symbol": "star"}, textposition="bottom center",
                     text=[f"threshold {used['threshold']:.2f}"], name="threshold in use", hoverinfo="skip")
     fig.update_xaxes(title="mean tokens per answer")
-    fig.update_yaxes(title="accuracy", range=[-0.05, 1.08], tickformat=".0%")
+    fig.update_yaxes(title="accuracy", range=[-0.1, 1.15], tickformat=".0%")
     _layout(fig, f"Trade-off: auto at threshold {used['threshold']:.2f} is {used['accuracy']:.1%} correct "
                  f"with {used['mean_tokens']:.1f} tokens")
     fig.update_layout(height=360)
