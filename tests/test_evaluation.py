@@ -255,11 +255,14 @@ def test_tab_handlers(engine, tmp_path):
     assert "Invalid settings" in update[o.status] and "max_new_tokens" in update[o.status]
 
 
-def test_tab_events_are_not_api_endpoints(engine):
+def test_tab_events_are_not_api_endpoints_and_go_with_fine_tuning(engine):
     from metis.ui import build_demo
     from metis.ui.evaluate import EvaluateTab
 
-    demo = build_demo(engine)
-    tab_fns = [f for f in demo.fns.values() if getattr(f.fn, "__self__", None).__class__ is EvaluateTab
-               or getattr(f.fn, "__qualname__", "").startswith("EvaluateTab.")]
-    assert len(tab_fns) == 3 and all(f.api_visibility == "private" for f in tab_fns)
+    def tab_fns(demo):
+        return [f for f in demo.fns.values() if getattr(f.fn, "__self__", None).__class__ is EvaluateTab
+                or getattr(f.fn, "__qualname__", "").startswith("EvaluateTab.")]
+
+    found = tab_fns(build_demo(engine))
+    assert len(found) == 3 and all(f.api_visibility == "private" for f in found)
+    assert not tab_fns(build_demo(engine, finetune=False))  # a public deployment (METIS_FINETUNE=0)

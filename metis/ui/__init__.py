@@ -20,7 +20,7 @@ CSS = """
 def build_demo(backend_or_error, finetune: bool = True) -> gr.Blocks:
     """Blocks for a backend (serving/interface.py), or for an exception/message when loading failed.
     Everything below reads the backend through that interface only. `finetune` False leaves the
-    fine-tuning tab out (a public deployment, METIS_FINETUNE=0)."""
+    fine-tuning and evaluation tabs out (a public deployment, METIS_FINETUNE=0)."""
     backend = (UnavailableEngine(backend_or_error) if isinstance(backend_or_error, BaseException | str)
                else backend_or_error)
     runner = Runner(backend)
@@ -47,8 +47,8 @@ def build_demo(backend_or_error, finetune: bool = True) -> gr.Blocks:
             if finetune:
                 with gr.Tab("Fine-tune router"):
                     build_finetune_tab(runner, router)
-            with gr.Tab("Evaluate"):
-                build_evaluate_tab(runner, router, backend.default_threshold)
+                with gr.Tab("Evaluate"):
+                    build_evaluate_tab(runner, router, backend.default_threshold)
         with gr.Tab("Model"):
             model_tab.build(backend.describe(), backend.error)
     return demo
