@@ -87,8 +87,8 @@ def answer(stream: Stream, questions: tuple[Question, ...], index: int, mode: st
     except ValueError as exc:  # PromptError and ImageError are ValueErrors
         return Outcome(index, mode, "", False, 0, 0.0, None, None, str(exc))
     stats, trace = got.stats, got.trace
-    return Outcome(index, mode, got.answer, got.error is None and is_correct(got.answer, question.answer, question.choices),
-                   stats.tokens if stats else 0, stats.total_s if stats else 0.0,
+    correct = got.error is None and is_correct(got.answer, question.answer, question.choices)
+    return Outcome(index, mode, got.answer, correct, stats.tokens if stats else 0, stats.total_s if stats else 0.0,
                    trace.p_think if trace else None, trace.decision if trace else None, got.error)
 
 
