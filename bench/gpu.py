@@ -18,7 +18,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from metis.configuration import MetisHomeConfig
-from metis.loading import _flash_attn_imports
+from metis.loading import flash_attention_available
 from metis.modeling import MetisHomeForConditionalGeneration
 
 from .common import Clock
@@ -98,7 +98,7 @@ def measure(config: MetisHomeConfig, new_tokens: int = 128) -> dict:
     variants = {"sdpa": ("sdpa", {}),
                 "sdpa+static_cache": ("sdpa", dict(cache_implementation="static", disable_compile=True)),
                 "sdpa+static_cache+torch.compile": ("sdpa", dict(cache_implementation="static"))}
-    if _flash_attn_imports():
+    if flash_attention_available():
         variants["flash_attention_2"] = ("flash_attention_2", {})
     bound = bandwidth / decode_bytes(model)
     decode = {}

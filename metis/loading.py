@@ -8,7 +8,9 @@ weight randomly initialised.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import logging
 import math
 import os
 import re
@@ -30,6 +32,7 @@ from .modeling import LEGACY_RENAMES, MetisHomeForConditionalGeneration
 from .prompting import PromptConfig
 
 ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
 EMBEDDED = ROOT / "assets" / "metis-home-tiny"
 EMBEDDED_NAMES = ("", "tiny", "embedded", "default")
 SMALL_CPU_MODEL = 100_000_000  # parameters; see pick_cpu_threads
@@ -189,7 +192,7 @@ def pick_runtime(device: str | None, dtype: str | None, attn: str | None,
         torch_dtype = (saved_dtype or torch.bfloat16) if on_gpu else torch.float32
     if attn is None:  # flash-attention 2 runs only in fp16/bf16 (the tiny model is float32)
         half = torch_dtype in (torch.float16, torch.bfloat16)
-        attn = "flash_attention_2" if on_gpu and half and _flash_attn_imports() else "sdpa"
+        attn = "flash_attention_2" if on_gpu and half and flash_attention_available() else "sdpa"
     return device, torch_dtype, attn
 
 
@@ -228,14 +231,18 @@ def gpu_device_map(config: MetisHomeConfig, dtype: torch.dtype, device: str = "c
     return device_map
 
 
-def _flash_attn_imports() -> bool:
-    if importlib.util.find_spec("flash_attn") is None:
-        return False
-    try:
-        import flash_attn  # noqa: F401
-    except Exception:
-        return False
-    return True
+def flash_attention_available() -> bool:
+    """flash-attn 2 is installed and imports, or `kernels` is (requirements.txt: a Space installs
+    only that file, and flash-attn builds only against CUDA), from which transformers takes the
+    prebuilt `kernels-community/flash-attn2` for this GPU and torch when flash-attn is missing."""
+    for package in ("flash_attn", "kernels"):
+        if importlib.util.find_spec(package) is not None:
+            try:
+                importlib.import_module(package)
+                return True
+            except Exception:
+                continue
+    return False
 
 
 def pick_cpu_threads(model, threads: int | None) -> int:
@@ -281,10 +288,18 @@ def load(spec: str | None = None, device: str | None = None, dtype: str | None =
     if device == "cpu" and not allow_cpu:
         refuse_large_on_cpu(sum(math.prod(s) for s in shapes.values()))
     where = placement(config, device, torch_dtype, offload)
-    model = MetisHomeForConditionalGeneration.from_pretrained(
-        path, config=config, dtype=torch_dtype, attn_implementation=attn,
-        use_safetensors=bool(shapes), **where,
-    )
+    def build(attn: str):
+        return MetisHomeForConditionalGeneration.from_pretrained(
+            path, config=config, dtype=torch_dtype, attn_implementation=attn, use_safetensors=bool(shapes), **where)
+
+    try:
+        model = build(attn)
+    except Exception as exc:  # flash-attention chosen here, not asked for: its kernel may not load
+        if attn_implementation is not None or attn != "flash_attention_2":
+            raise
+        log.warning("flash-attention 2 did not load (%s: %s); using sdpa", type(exc).__name__, exc)
+        attn = "sdpa"
+        model = build(attn)
     if not where:
         model.to(device)
     if device == "cpu":

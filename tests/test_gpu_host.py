@@ -195,11 +195,30 @@ def test_a_cuda_host_budgets_its_free_memory(engine, monkeypatch):
 # -- 4. attention, devices and defaults ------------------------------------------------------------
 
 def test_flash_attention_only_for_half_precision(monkeypatch):
-    monkeypatch.setattr(loading, "_flash_attn_imports", lambda: True)
+    monkeypatch.setattr(loading, "flash_attention_available", lambda: True)
     assert loading.pick_runtime("cuda", None, None, "bfloat16")[2] == "flash_attention_2"
     assert loading.pick_runtime("cuda", "float16", None, None)[2] == "flash_attention_2"
     assert loading.pick_runtime("cuda", None, None, torch.float32)[2] == "sdpa"  # the embedded tiny model
     assert loading.pick_runtime("cpu", None, None, "bfloat16")[2] == "sdpa"
+
+
+def test_a_flash_kernel_that_does_not_load_falls_back_to_sdpa(tiny_checkpoint, monkeypatch):
+    from metis.modeling import MetisHomeForConditionalGeneration
+
+    real, asked = MetisHomeForConditionalGeneration.from_pretrained.__func__, []
+
+    def from_pretrained(cls, *args, attn_implementation=None, **kwargs):
+        asked.append(attn_implementation)
+        if attn_implementation == "flash_attention_2":
+            raise OSError("kernels-community/flash-attn2: no build for this torch")
+        return real(cls, *args, attn_implementation=attn_implementation, **kwargs)
+
+    monkeypatch.setattr(MetisHomeForConditionalGeneration, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(loading, "pick_runtime", lambda *a: ("cpu", torch.float32, "flash_attention_2"))
+    loaded = loading.load(str(tiny_checkpoint))
+    assert asked == ["flash_attention_2", "sdpa"] and loaded.info.attn_implementation == "sdpa"
+    with pytest.raises(OSError):  # asked for by name: its failure is the answer
+        loading.load(str(tiny_checkpoint), attn_implementation="flash_attention_2")
 
 
 def test_a_large_model_is_not_run_on_cpu_silently(monkeypatch):
