@@ -303,3 +303,18 @@ def test_token_mode_share_is_each_rows_own(engine):
     results, sizes = _together(engine, requests)
     assert sizes == [3]
     assert [collect(r).trace.token_think_share for r in results] == pytest.approx(alone, abs=1e-6)
+
+
+def test_the_fallback_notice_is_a_banner_and_a_model_tab_row(engine, monkeypatch):
+    from dataclasses import replace
+
+    from metis.ui import build_demo
+    from metis.ui.model_tab import info_markdown
+
+    notice = "Serving the embedded tiny model, not the real one: the GPU is too small."
+    monkeypatch.setattr(engine, "info", replace(engine.info, notice=notice))
+    demo = build_demo(engine)
+    banners = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model-notice"]
+    assert len(banners) == 1 and notice in banners[0].value
+    assert f"| Why not the published model | {notice} |" in info_markdown(engine.describe().info)
+    assert "Why not" not in info_markdown(replace(engine.info, notice=None).to_dict())

@@ -34,6 +34,9 @@ def build_demo(backend_or_error, finetune: bool = True) -> gr.Blocks:
         if backend.error:
             gr.Markdown(f"⚠️ **The model could not be loaded**: {backend.error}",
                         elem_classes="error-banner", elem_id="load-error")
+        description = backend.describe()
+        if description is not None and description.info.get("notice"):  # a GPU host fell back (loading.load_default)
+            gr.Markdown(f"⚠️ {description.info['notice']}", elem_classes="error-banner", elem_id="model-notice")
         session = gr.State(Session())  # each browser session gets its own copy
         router = gr.State(None)  # per-session router weights; the fine-tuning tab may set them
         with gr.Tab("Chat"):
@@ -50,5 +53,5 @@ def build_demo(backend_or_error, finetune: bool = True) -> gr.Blocks:
                 with gr.Tab("Evaluate"):
                     build_evaluate_tab(runner, router, backend.default_threshold)
         with gr.Tab("Model"):
-            model_tab.build(backend.describe(), backend.error)
+            model_tab.build(description, backend.error)
     return demo

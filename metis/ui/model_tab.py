@@ -26,6 +26,7 @@ LABELS = {
     "memory_bytes": "Weights in memory",
     "routing": "Routing",
     "cpu_threads": "CPU threads (torch intra-op)",
+    "notice": "Why not the published model",
 }
 
 
@@ -41,7 +42,7 @@ def info_markdown(info: dict | None, error: str | None = None) -> str:
     if info is None:
         return f"### ⚠️ No model loaded\n\n{error or 'unknown reason'}"
     info = {"backend": LOCAL_BACKEND, **info}  # a remote engine's info names its own backend
-    rows = [f"| {LABELS.get(k, k)} | {_format(k, v)} |" for k, v in info.items()]
+    rows = [f"| {LABELS.get(k, k)} | {_format(k, v)} |" for k, v in info.items() if v is not None]
     return "\n".join(["| Loaded model | |", "|---|---|", *rows])
 
 
@@ -55,6 +56,9 @@ def limits_markdown(limits, batch=None) -> str:
     if batch is not None:
         text += (f" Up to {batch.max_batch} answers are decoded together, in batches of at most "
                  f"{batch.max_batch_tokens:,} padded prompt tokens.")
+        if batch.max_kv_tokens is not None:
+            text += (f" A batch's KV cache holds at most {batch.max_kv_tokens:,} tokens (rows x (longest prompt + "
+                     "longest answer allowed)); a request that could not fit even alone is refused.")
     return text
 
 
