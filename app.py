@@ -23,6 +23,7 @@ if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):
 from metis.serving.engine import Engine
 from metis.serving.scheduler import BatchLimits
 from metis.ui import CSS, THEME, build_demo
+from metis.ui.gate import PublicLimits, serve
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
 log = logging.getLogger("metis.app")
@@ -72,10 +73,11 @@ def load_engine(args: argparse.Namespace):
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 args = parse_args()
 engine = load_engine(args)
-demo = build_demo(engine)
+public = PublicLimits.from_env()
+demo = build_demo(engine, finetune=public.finetune)
 # as many answers in flight as the backend serves at once (the local engine: one batch); later
-# ones see their place in Gradio's queue
-demo.queue(default_concurrency_limit=getattr(engine, "concurrency", 1))
+# ones see their place in Gradio's queue, a few per client and a bounded number in all
+serve(demo, public, concurrency=getattr(engine, "concurrency", 1))
 
 if __name__ == "__main__":
     demo.launch(server_name=args.host, server_port=args.port, max_file_size="10mb",

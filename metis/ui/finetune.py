@@ -235,12 +235,14 @@ def build_finetune_tab(runner: Runner, session_router: gr.State) -> FinetuneTab:
         use = gr.Button("Use in chat")
         o.download.render()
     s = sliders
-    start.click(tab.enqueue, None, o.status, queue=False).then(
+    # the page's own events, not API endpoints: a script must not hold the one fine-tuning slot
+    private = dict(api_visibility="private")
+    start.click(tab.enqueue, None, o.status, queue=False, **private).then(
                 tab.start,
                 [files, use_sample, s["epochs"], s["lr"], s["batch_size"], s["val_fraction"], seed, s["patience"],
                  s["target_ratio"]],
                 o.components(),
-                concurrency_limit=1, concurrency_id="finetune", show_progress="full")
-    stop.click(tab.cancel, None, o.status, queue=False)
-    use.click(tab.use_in_chat, o.result, [session_router, o.status])
+                concurrency_limit=1, concurrency_id="finetune", show_progress="full", **private)
+    stop.click(tab.cancel, None, o.status, queue=False, **private)
+    use.click(tab.use_in_chat, o.result, [session_router, o.status], **private)
     return tab
