@@ -99,8 +99,9 @@ def evaluate(args) -> int:
 
 def finetune(args) -> int:
     from .finetune.cli import main
+    from .serving.engine import Engine
 
-    return main(args)
+    return main(args, Engine.load)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,13 +23,13 @@ import psutil
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import compute_module_sizes, get_balanced_memory, get_max_memory, infer_auto_device_map
-from safetensors import safe_open
 from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from .configuration import MetisHomeConfig
 from .modeling import LEGACY_RENAMES, MetisHomeForConditionalGeneration
 from .prompting import PromptConfig
+from .sizing import GIB, RUNTIME_RESERVE_GIB, size_from_config, tensor_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)
@@ -126,12 +126,7 @@ def checkpoint_shapes(path: Path, allow_pickle: bool = False) -> dict[str, tuple
         if not pickled:
             raise CheckpointMismatch(f"{path} holds no weights (*.safetensors)")
         return {}
-    shapes = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                shapes[key] = tuple(f.get_slice(key).get_shape())
-    return shapes
+    return tensor_shapes(files)
 
 
 def to_model_name(key: str) -> str:
@@ -326,8 +321,6 @@ def refuse_large_on_cpu(params: int) -> None:
 def published_fits() -> str | None:
     """None when the visible CUDA GPUs' free memory holds the published checkpoint (from its
     config, as `metis size` counts it); otherwise why not, for the notice."""
-    from .sizing import GIB, RUNTIME_RESERVE_GIB, size_from_config
-
     count = torch.cuda.device_count()
     free = sum(torch.cuda.mem_get_info(i)[0] for i in range(count)) - count * RUNTIME_RESERVE_GIB * GIB
     need = size_from_config(MetisHomeConfig.from_json_file(REFERENCE_CONFIG)).weight_bytes

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from accelerate import init_empty_weights
+from safetensors import safe_open
 
 from .configuration import MetisHomeConfig
 
@@ -114,16 +115,24 @@ def size_from_config(config: MetisHomeConfig) -> ModelSize:
                      text.max_position_embeddings, literal_config_params=literal)
 
 
+def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from safetensors headers (no weight is read)."""
+    shapes = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
 def model_size(spec: str | Path) -> ModelSize:
     """A checkpoint folder (shapes from its safetensors headers) or a config.json."""
-    from .loading import checkpoint_shapes
-
     path = Path(spec)
     if path.is_file():
         config = MetisHomeConfig.from_dict(json.loads(path.read_text()))
         return size_from_config(config)
     config = MetisHomeConfig.from_pretrained(path)
-    shapes = checkpoint_shapes(path) if any(path.glob("*.safetensors")) else {}
+    shapes = tensor_shapes(sorted(path.glob("*.safetensors")))
     return size_from_shapes(config, shapes) if shapes else size_from_config(config)
 
 

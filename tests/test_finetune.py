@@ -1,6 +1,7 @@
 """Router fine-tuning: data validation, features, training, router files, CLI and the Gradio tab."""
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import threading
@@ -125,8 +126,10 @@ def test_pooled_features_reproduce_the_routers_logits(engine, toy, toy_features)
 def test_training_improves_routing_and_router_round_trips(engine, toy, toy_features, tmp_path):
     result = train_router(toy_features, TrainSettings(epochs=80, lr=0.05, batch_size=16, patience=0))
     s = result.summary
-    assert s["val_accuracy_after"] > s["val_accuracy_before"] and s["val_accuracy_after"] >= 0.9
-    assert len(result.history) == 80 and s["train_seconds"] > 0
+    assert s.val_accuracy_after > s.val_accuracy_before and s.val_accuracy_after >= 0.9
+    assert len(result.history) == 80 and s.train_seconds > 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.best_epoch = 0
     path = result.save(tmp_path)
     written = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("val_accuracy_before", "val_accuracy_after", "val_auc_after", "threshold_sweep",
@@ -158,7 +161,7 @@ def test_cancel_keeps_the_best_epoch_so_far(engine, toy_features):
         if m.epoch == 3:
             cancel.set()
     result = trainer.result()
-    assert len(result.history) == 3 and result.summary["cancelled"]
+    assert len(result.history) == 3 and result.summary.cancelled
     with pytest.raises(ValueError, match="epochs"):
         TrainSettings(epochs=0)
 
@@ -166,7 +169,7 @@ def test_cancel_keeps_the_best_epoch_so_far(engine, toy_features):
 def test_early_stopping(engine, toy_features):
     result = train_router(toy_features, TrainSettings(epochs=500, lr=0.5, patience=3))
     assert len(result.history) < 500
-    assert len(result.history) - result.summary["best_epoch"] == 3
+    assert len(result.history) - result.summary.best_epoch == 3
 
 
 def cli_args(**kw):
@@ -175,14 +178,21 @@ def cli_args(**kw):
     return parser.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in kw.items()])
 
 
+def refuse_to_load(*args, **kwargs):
+    raise AssertionError("an invalid dataset is refused before the model loads")
+
+
 def test_cli(tiny_checkpoint, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "q", "label": "think"}, "oops", {"label": "direct"}])
-    assert cli.main(cli_args(data=bad, out=tmp_path / "o")) == 2
+    assert cli.main(cli_args(data=bad, out=tmp_path / "o"), load_engine=refuse_to_load) == 2
     err = capsys.readouterr().err
     assert "line 2: bad JSON" in err and "line 3: missing field 'text'" in err
     good = write_jsonl(tmp_path / "good.jsonl", [{"text": t, "label": "think"} for t in THINK]
                        + [{"text": t, "label": "direct"} for t in DIRECT])
-    assert cli.main(cli_args(data=good, out=tmp_path / "o", model=tiny_checkpoint, epochs=3, target_ratio=0.5)) == 0
+    from metis.serving.engine import Engine
+
+    args = cli_args(data=good, out=tmp_path / "o", model=tiny_checkpoint, epochs=3, target_ratio=0.5)
+    assert cli.main(args, Engine.load) == 0
     assert (tmp_path / "o" / "router.safetensors").exists()
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["target_threshold"] is not None
 

@@ -7,10 +7,10 @@ data (validated JSONL/CSV) -> features (one forced-expert prefill per example, p
 from .data import DatasetError, Example, load_dataset
 from .export import ROUTER_FILE, apply_router, check_router, load_router, save_router
 from .features import Cancelled, Features, extract_features
-from .trainer import EpochMetrics, RouterTrainer, TrainResult, TrainSettings, train_router
+from .trainer import EpochMetrics, RouterTrainer, TrainResult, TrainSettings, TrainSummary, train_router
 
 __all__ = [
     "DatasetError", "Example", "load_dataset", "ROUTER_FILE", "apply_router", "check_router", "load_router",
     "save_router", "Cancelled", "Features", "extract_features", "EpochMetrics", "RouterTrainer",
-    "TrainResult", "TrainSettings", "train_router",
+    "TrainResult", "TrainSettings", "TrainSummary", "train_router",
 ]

@@ -4,12 +4,16 @@ Exit status 0 on success, 2 when the dataset is invalid (every bad line listed o
 interrupted. Under `accelerate launch -m metis finetune ...` each process loads the model onto its
 own device, extracts the features of its own shard of the examples, and the shards are gathered
 before training; one process writes the results.
+
+The model comes from the caller (`load_engine`, `Engine.load` from `python -m metis`): fine-tuning
+needs only a backend that extracts features, and serving imports fine-tuning, not the reverse.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from tqdm import tqdm
 
@@ -48,7 +52,8 @@ def process_features(engine, examples: list, cache_dir: str | None, state) -> Fe
         return extract_features(engine, shard, cache_dir, lambda i, n: bar.update(i - bar.n))
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, load_engine: Callable) -> int:
+    """`load_engine(model, device=...)` loads the backend once the dataset has passed its checks."""
     try:
         settings = TrainSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                  val_fraction=args.val_fraction, seed=args.seed, patience=args.patience,
@@ -66,10 +71,8 @@ def main(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from ..serving.engine import Engine
-
     state = PartialState()
-    engine = Engine.load(args.model, device=process_device(state))
+    engine = load_engine(args.model, device=process_device(state))
     try:
         mine = process_features(engine, examples, args.cache_dir, state)
         features = Features.concat(gather_object([mine]))  # in process order: the examples' order
@@ -89,13 +92,8 @@ def main(args: argparse.Namespace) -> int:
         engine.save_model(result.router, args.save_model)
     s = result.summary
     print(f"router: {path}")
-    print(f"validation accuracy {s['val_accuracy_before']:.3f} -> {s['val_accuracy_after']:.3f}, "
-          f"AUC {s['val_auc_before']:.3f} -> {s['val_auc_after']:.3f} (best epoch {s['best_epoch']})")
-    print(f"time: features {s['feature_seconds']:.1f}s, training {s['train_seconds']:.1f}s")
+    print(f"validation accuracy {s.val_accuracy_before:.3f} -> {s.val_accuracy_after:.3f}, "
+          f"AUC {s.val_auc_before:.3f} -> {s.val_auc_after:.3f} (best epoch {s.best_epoch})")
+    print(f"time: features {s.feature_seconds:.1f}s, training {s.train_seconds:.1f}s")
     return 0
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m metis.finetune.cli", description=__doc__)
-    add_arguments(parser)
-    sys.exit(main(parser.parse_args()))

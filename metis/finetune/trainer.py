@@ -72,16 +72,47 @@ class BestEpoch:
     epoch: int
 
 
-@dataclass
+@dataclass(frozen=True)
+class TrainSummary:
+    """A run's outcome on the validation split, before (the gates as they were) and after (the best
+    epoch), and its timing; metrics.json holds these fields under these names."""
+
+    examples: dict[str, int]  # {"train": n, "val": n}
+    threshold: float
+    best_epoch: int
+    cancelled: bool
+    val_loss_before: float
+    val_accuracy_before: float
+    val_auc_before: float  # NaN for a one-class validation split (null in metrics.json)
+    val_loss_after: float
+    val_accuracy_after: float
+    val_auc_after: float
+    confusion_before: dict[str, int]  # metrics.confusion at `threshold`
+    confusion_after: dict[str, int]
+    threshold_sweep: list[dict]  # metrics.threshold_sweep of the best epoch
+    target_ratio: float | None
+    target_threshold: float | None  # the threshold giving `target_ratio` thinking, when asked
+    feature_seconds: float
+    features_cached: bool
+    train_seconds: float
+
+    def __getitem__(self, key: str):
+        # TEMPORARY: metis/ui/finetune.py still reads the summary by key (summary_markdown,
+        # confusion_rows, FinetuneTab.start); remove this once it reads attributes (issue 25).
+        return getattr(self, key)
+
+
+@dataclass(frozen=True)
 class TrainResult:
     router: dict[str, torch.Tensor] = field(repr=False)  # opaque to UIs: hand it to the engine
     settings: TrainSettings
     history: list[EpochMetrics]
-    summary: dict  # before/after metrics, sweep, confusion, timing (see RouterTrainer.result)
+    summary: TrainSummary
 
     def metrics(self) -> dict:
         """Everything metrics.json holds: settings, per-epoch metrics and the summary."""
-        return {"settings": asdict(self.settings), "epochs": [asdict(m) for m in self.history], **self.summary}
+        return {"settings": asdict(self.settings), "epochs": [asdict(m) for m in self.history],
+                **asdict(self.summary)}
 
     def save(self, out: str | Path) -> Path:
         """`router.safetensors` + `metrics.json` in `out`; returns the router file."""
@@ -207,26 +238,26 @@ class RouterTrainer:
         after = self._evaluate()
         router = {name: w.to(self.dtype).cpu().contiguous() for name, w in zip(self.names, self.best.weights)}
         target = self.settings.target_ratio
-        summary = {
-            "examples": self.sizes,
-            "threshold": self.threshold,
-            "best_epoch": self.best.epoch,
-            "cancelled": self.cancelled,
-            "val_loss_before": self.before["loss"],
-            "val_accuracy_before": self.before["accuracy"],
-            "val_auc_before": self.before["auc"],
-            "val_loss_after": after["loss"],
-            "val_accuracy_after": after["accuracy"],
-            "val_auc_after": after["auc"],
-            "confusion_before": metrics.confusion(self.before["p"], self.before["y"], self.threshold),
-            "confusion_after": metrics.confusion(after["p"], after["y"], self.threshold),
-            "threshold_sweep": metrics.threshold_sweep(after["p"], after["y"]),
-            "target_ratio": target,
-            "target_threshold": None if target is None else metrics.threshold_for_ratio(after["p"], target),
-            "feature_seconds": self.features.seconds,
-            "features_cached": self.features.cached,
-            "train_seconds": self.seconds,
-        }
+        summary = TrainSummary(
+            examples=self.sizes,
+            threshold=self.threshold,
+            best_epoch=self.best.epoch,
+            cancelled=self.cancelled,
+            val_loss_before=self.before["loss"],
+            val_accuracy_before=self.before["accuracy"],
+            val_auc_before=self.before["auc"],
+            val_loss_after=after["loss"],
+            val_accuracy_after=after["accuracy"],
+            val_auc_after=after["auc"],
+            confusion_before=metrics.confusion(self.before["p"], self.before["y"], self.threshold),
+            confusion_after=metrics.confusion(after["p"], after["y"], self.threshold),
+            threshold_sweep=metrics.threshold_sweep(after["p"], after["y"]),
+            target_ratio=target,
+            target_threshold=None if target is None else metrics.threshold_for_ratio(after["p"], target),
+            feature_seconds=self.features.seconds,
+            features_cached=self.features.cached,
+            train_seconds=self.seconds,
+        )
         return TrainResult(router, self.settings, list(self.history), summary)
 
 

@@ -149,8 +149,8 @@ def train_candidates(train: Features, val: Features, val_sources: list[str], dea
             result = trainer.result()
         finally:
             timer.cancel()
-        fit = {"best_epoch": result.summary["best_epoch"], "cancelled": result.summary["cancelled"],
-               "train_seconds": round(result.summary["train_seconds"], 1)}
+        fit = {"best_epoch": result.summary.best_epoch, "cancelled": result.summary.cancelled,
+               "train_seconds": round(result.summary.train_seconds, 1)}
         for mix in MIXES:
             router = {k: (w + mix * (result.router[k].float() - w)).to(train.router[k].dtype)
                       for k, w in current.items()}
