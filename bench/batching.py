@@ -19,7 +19,7 @@ from metis.serving.engine import Engine, GenerationSettings
 from metis.serving.interface import collect
 from metis.tiny import world
 
-from .common import fixed_length, start_in_one_batch
+from .common import Row, fixed_length, start_in_one_batch, verdict
 
 LEVELS = (1, 4, 8, 16)
 TARGET = 3.0  # speedup_16 on this CPU (issue 12)
@@ -90,3 +90,18 @@ def run(engine: Engine, quick: bool) -> dict:
         target=TARGET,
         natural_16=natural_lengths(engine, requests),
     )
+
+
+def rows(b: dict) -> list[Row]:
+    natural = b["natural_16"]
+    return [
+        ("Batching: tokens/s with 1 / 4 / 8 / 16 users at once (mean batch)",
+         " / ".join(f"{v:.0f}" for v in b["tokens_per_s"].values())
+         + f" ({' / '.join(str(v) for v in b['mean_batch'].values())}); speedup_16 "
+         f"{b['speedup_16']:.2f}, identical {str(b['identical']).lower()}",
+         "≥ 3, identical", verdict(b["speedup_16"] >= TARGET and b["identical"])),
+        ("Batching at natural lengths (load test's questions): ms per answer alone / 16 in one batch",
+         f"{natural['ms_per_answer_1']:.1f} / {natural['ms_per_answer_16']:.1f}"
+         f" (ratio {natural['ratio']:.3f}: the floor under the load test's wall ratio)",
+         "", ""),
+    ]

@@ -19,12 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.generation.streamers import BaseStreamer
 
-from metis.serving.engine import Engine
+from metis.conversion import to_dense_config
 from metis.loading import EMBEDDED
 from metis.prompting import Message
+from metis.serving.engine import Engine
 from metis.tiny import world
 from metis.upcycle import upcycle
 
@@ -62,29 +63,20 @@ def random_tiny_checkpoint() -> Path:
     return out
 
 
-def dense_twin(moe_config) -> Qwen2_5_VLConfig:
-    """The dense Qwen2.5-VL a Metis-HOME of this shape would be upcycled from (MLP = one expert)."""
-    text = moe_config.text_config.to_dict()
-    text["intermediate_size"] = text["moe_intermediate_size"]
-    for key in ("model_type", "num_experts", "num_experts_per_tok", "decoder_sparse_step", "mlp_only_layers",
-                "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
-                "router_aux_loss_coef", "output_router_logits"):
-        text.pop(key, None)
-    tokens = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-    config = Qwen2_5_VLConfig(
-        text_config=text, vision_config=moe_config.vision_config.to_dict(),
-        tie_word_embeddings=moe_config.tie_word_embeddings, **{k: getattr(moe_config, k) for k in tokens},
-    )
-    config._attn_implementation = moe_config._attn_implementation
-    return config
+Row = tuple[str, str, str, str]  # one line of `python -m bench`'s table: measurement, result, target, verdict
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "**missed**"
 
 
 def upcycled_pair(engine: Engine) -> tuple[Qwen2_5_VLForConditionalGeneration, torch.nn.Module]:
     """(dense, MoE upcycled from it): same weights, so any speed difference is the MoE's own."""
     torch.manual_seed(0)
     with torch.device(engine.model.device):  # built in place: a full-size twin never passes through fp32 on CPU
-        dense = Qwen2_5_VLForConditionalGeneration._from_config(dense_twin(engine.model.config),
-                                                                 dtype=engine.model.dtype).eval()
+        twin = to_dense_config(engine.model.config)
+        twin._attn_implementation = engine.model.config._attn_implementation  # the same attention kernel
+        dense = Qwen2_5_VLForConditionalGeneration._from_config(twin, dtype=engine.model.dtype).eval()
     return dense, upcycle(dense, system_prompt=engine.model.config.system_prompt)
 
 

@@ -21,7 +21,7 @@ from metis.configuration import MetisHomeConfig
 from metis.loading import flash_attention_available
 from metis.modeling import MetisHomeForConditionalGeneration
 
-from .common import Clock
+from .common import Clock, Row
 
 REFERENCE = Path(__file__).resolve().parent.parent / "assets" / "reference" / "metis-home-config.json"
 QWEN25_VL_MAX_PIXELS = 12845056  # Qwen2.5-VL-7B's preprocessor bound: a 1080p frame keeps its resolution
@@ -80,10 +80,31 @@ def measure(config: MetisHomeConfig, new_tokens: int = 128) -> dict:
     with torch.device("cuda"):
         model = MetisHomeForConditionalGeneration._from_config(config, dtype=torch.bfloat16,
                                                                attn_implementation="sdpa").eval()
-    prompt = torch.randint(1000, 100_000, (1, 128), device="cuda")
     # use_cache explicitly: the published config says `use_cache: false` (a training leftover)
     settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
                     eos_token_id=config.text_config.eos_token_id, pad_token_id=0)
+    bound = bandwidth / decode_bytes(model)
+    decode = _decode_batch1(model, settings, bound)
+    batched = _decode_batched(model, settings)
+    inputs = {k: v.to("cuda") for k, v in _image_inputs(config, Qwen2VLImageProcessorPil()).items()}
+    ttft = _ttft(model, inputs)
+    return dict(
+        device=torch.cuda.get_device_name(),
+        params=sum(p.numel() for p in model.parameters()),
+        decode_weight_gib=round(decode_bytes(model) / 2**30, 2),
+        copy_bandwidth_gb_s=round(bandwidth / 1e9),
+        bandwidth_bound_tokens_per_s=round(bound, 1),
+        decode_batch1=decode,
+        decode_batched_tokens_per_s=batched,
+        ttft_1080p_ms=round(ttft * 1e3, 1),
+        image_tokens_1080p=int((inputs["input_ids"] == config.image_token_id).sum()),
+        peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
+    )
+
+
+def _decode_batch1(model, settings: dict, bound: float) -> dict:
+    """Batch-1 decode tokens/s per attention variant, and its share of the bandwidth bound."""
+    prompt = torch.randint(1000, 100_000, (1, 128), device="cuda")
 
     @torch.inference_mode()
     def decode_rate(**extra) -> float:
@@ -100,7 +121,6 @@ def measure(config: MetisHomeConfig, new_tokens: int = 128) -> dict:
                 "sdpa+static_cache+torch.compile": ("sdpa", dict(cache_implementation="static"))}
     if flash_attention_available():
         variants["flash_attention_2"] = ("flash_attention_2", {})
-    bound = bandwidth / decode_bytes(model)
     decode = {}
     for name, (attn, extra) in variants.items():
         try:
@@ -110,18 +130,23 @@ def measure(config: MetisHomeConfig, new_tokens: int = 128) -> dict:
         except Exception as exc:  # a variant's failure is a result too
             decode[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     model.set_attn_implementation("sdpa")
+    return decode
+
+
+def _decode_batched(model, settings: dict) -> dict:
+    """Aggregate decode tokens/s of 1, 8 and 32 answers decoded together, alternately on each
+    expert (a served batch mixes them), as the engine batches users."""
 
     @torch.inference_mode()
     def batch_rate(rows: int) -> float:
-        """Aggregate decode tokens/s of `rows` answers decoded together, alternately on each
-        expert (a served batch mixes them), as the engine batches users."""
         ids = torch.randint(1000, 100_000, (rows, 128), device="cuda")
         modes = tuple(("think" if i % 2 == 0 else "direct", 0.5) for i in range(rows))
+        prompt_mask = torch.ones_like(ids, dtype=torch.bool)
         rates = []
         for _ in range(2):
             clock = Clock()
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=clock, **settings,
-                           routing=model.new_routing("auto", prompt_mask=torch.ones_like(ids, dtype=torch.bool), rows=modes))
+                           routing=model.new_routing("auto", prompt_mask=prompt_mask, rows=modes))
             rates.append(rows * clock.decode_rate())
         return round(rates[-1], 1)
 
@@ -131,8 +156,11 @@ def measure(config: MetisHomeConfig, new_tokens: int = 128) -> dict:
             batched[str(rows)] = batch_rate(rows)
         except Exception as exc:  # out of memory at 32 rows on a small card is a result too
             batched[str(rows)] = f"{type(exc).__name__}: {exc}"[:200]
+    return batched
 
-    inputs = {k: v.to("cuda") for k, v in _image_inputs(config, Qwen2VLImageProcessorPil()).items()}
+
+def _ttft(model, inputs: dict) -> float:
+    """Median of three times to the first token of a 1080p image question, after a warm-up."""
 
     @torch.inference_mode()
     def first_token():
@@ -140,22 +168,27 @@ def measure(config: MetisHomeConfig, new_tokens: int = 128) -> dict:
                        use_cache=True, pad_token_id=0)
 
     first_token()
-    ttft = sorted(_sync_timed(first_token) for _ in range(3))[1]
-    return dict(
-        device=torch.cuda.get_device_name(),
-        params=sum(p.numel() for p in model.parameters()),
-        decode_weight_gib=round(decode_bytes(model) / 2**30, 2),
-        copy_bandwidth_gb_s=round(bandwidth / 1e9),
-        bandwidth_bound_tokens_per_s=round(bound, 1),
-        decode_batch1=decode,
-        decode_batched_tokens_per_s=batched,
-        ttft_1080p_ms=round(ttft * 1e3, 1),
-        image_tokens_1080p=int((inputs["input_ids"] == config.image_token_id).sum()),
-        peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
-    )
+    return sorted(_sync_timed(first_token) for _ in range(3))[1]
 
 
 def run(quick: bool) -> dict | str:
     if not torch.cuda.is_available():
         return "skipped: no GPU"
     return measure(full_config(), new_tokens=64 if quick else 256)
+
+
+def rows(g: dict | str) -> list[Row]:
+    return [("GPU: full-size Metis-HOME, bf16, batch 1", _summary(g), "", "")]
+
+
+def _summary(g: dict | str) -> str:
+    if isinstance(g, str):  # skipped, or failed
+        return g
+    decode = "; ".join(
+        f"{name} {v['tokens_per_s']:.1f} tok/s ({v['of_bandwidth_bound']:.0%} of bound)" if "error" not in v
+        else f"{name} failed" for name, v in g["decode_batch1"].items()
+    )
+    batched = " / ".join(f"{v:.0f}" if isinstance(v, float) else "failed"
+                         for v in g["decode_batched_tokens_per_s"].values())
+    return (f"{decode}; batch 1 / 8 / 32: {batched} tok/s in all; "
+            f"TTFT 1080p ({g['image_tokens_1080p']} image tokens) {g['ttft_1080p_ms']:.0f} ms")

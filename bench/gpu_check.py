@@ -53,7 +53,8 @@ def _engine(config: MetisHomeConfig, device: str, device_map: dict | None = None
 
         model = dispatch_model(model, device_map)
     model.eval()
-    image_processor = Qwen2VLImageProcessorPil(**{k: v for k, v in PREPROCESSOR.items() if not k.endswith(("_class", "_type"))})
+    fields = {k: v for k, v in PREPROCESSOR.items() if not k.endswith(("_class", "_type"))}
+    image_processor = Qwen2VLImageProcessorPil(**fields)
     loaded = LoadedModel(model, build_qwen_tokenizer(), image_processor, info=describe(model, "gpu check", "sdpa"))
     return Engine(loaded, batch=BatchLimits(max_batch=32))
 
@@ -98,7 +99,8 @@ def sweep(engine: Engine, new_tokens: int, cuda: bool) -> dict:
         before = torch.cuda.memory_allocated() if cuda else 0
         results, seconds = _together(engine, rows, settings)
         tokens = sum(r.stats.tokens for r in results)
-        out[str(rows)] = {"tokens_per_s": round(tokens / seconds, 1), "errors": sum(r.error is not None for r in results)}
+        errors = sum(r.error is not None for r in results)
+        out[str(rows)] = {"tokens_per_s": round(tokens / seconds, 1), "errors": errors}
         if rows == 8:  # the admission estimate: rows x (longest prompt + longest answer) x KV bytes
             prompt = max(engine.prompts.build(_messages(i))["input_ids"].shape[1] for i in range(rows))
             estimate = rows * (prompt + new_tokens) * kv_bytes_per_token(engine.model)

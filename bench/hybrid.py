@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import time
 
-from metis.serving.engine import Engine, GenerationSettings
 from metis.prompting import Message
+from metis.serving.engine import Engine, GenerationSettings
 from metis.tiny import world
+
+from .common import Row
 
 MODES = ("auto", "think")
 
@@ -46,3 +48,11 @@ def run(engine: Engine, quick: bool, trained: bool) -> dict:
         time_saving=round(1 - totals["auto"]["seconds"] / totals["think"]["seconds"], 3),
         meaningful=trained,  # random weights: every answer is noise and no question stops early
     )
+
+
+def rows(h: dict) -> list[Row]:
+    auto, think = h["per_query"]["auto"], h["per_query"]["think"]
+    return [(f"Hybrid: auto vs think, {h['samples']} held-out questions (tokens, s, accuracy)",
+             f"{auto['tokens']:.1f} vs {think['tokens']:.1f} tok, {auto['seconds'] * 1e3:.0f} vs "
+             f"{think['seconds'] * 1e3:.0f} ms, {auto['accuracy']:.1%} vs {think['accuracy']:.1%}"
+             + ("" if h["meaningful"] else " (random weights: not meaningful)"), "fewer tokens, same accuracy", "")]

@@ -13,10 +13,11 @@ import resource
 from accelerate import init_empty_weights
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from metis.serving.engine import Engine
+from metis.conversion import to_dense_config
 from metis.loading import describe
+from metis.serving.engine import Engine
 
-from .common import dense_twin
+from .common import Row
 
 
 def _mib(n: float) -> float:
@@ -29,7 +30,7 @@ def run(engine: Engine, app_peak_rss_mib: float | None) -> dict:
     itemsize = model.dtype.itemsize
     router = sum(p.numel() for n, p in model.named_parameters() if re.search(r"\.mlp\.gate\.weight$", n))
     with init_empty_weights():  # shapes only: the dense twin is never allocated
-        dense = Qwen2_5_VLForConditionalGeneration(dense_twin(model.config))
+        dense = Qwen2_5_VLForConditionalGeneration(to_dense_config(model.config))
     dense_params = sum(p.numel() for p in dense.parameters())
     active = info.params_shared + info.params_per_expert
     return dict(
@@ -43,3 +44,12 @@ def run(engine: Engine, app_peak_rss_mib: float | None) -> dict:
         app_peak_rss_mib=app_peak_rss_mib,
         bench_peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     )
+
+
+def rows(m: dict) -> list[Row]:
+    return [
+        ("Memory: MoE / dense parameters (active per token / dense)",
+         f"{m['moe_over_dense_params']:.3f} ({m['moe']['params_total'] / 1e6:.2f}M vs "
+         f"{m['dense']['params_total'] / 1e6:.2f}M; active {m['active_over_dense_params']:.4f})", "", ""),
+        ("Memory: peak RSS of the app process", f"{m['app_peak_rss_mib']:.0f} MiB", "", ""),
+    ]

@@ -27,7 +27,7 @@ from metis.serving.engine import Engine, GenerationSettings
 from metis.serving.remote import RemoteEngine
 from metis.streaming import Done, Failed, Routed
 
-from .common import fixed_length, interleave, ratio, sample_messages
+from .common import Row, fixed_length, interleave, ratio, sample_messages, verdict
 
 TARGET = 0.8
 CONCURRENT = 8
@@ -121,3 +121,12 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def rows(r: dict) -> list[Row]:
+    tps, ttft = r["tokens_per_s"], r["ttft_ms"]
+    return [("Remote backend (transformers serve) / local engine decode tokens/s",
+             f"{r['ratio']:.3f} ({tps['remote']:.0f} vs {tps['local']:.0f} tok/s, {r['overhead_us_per_token']:.0f} "
+             f"µs/token; TTFT {ttft['remote']:.0f} vs {ttft['local']:.0f} ms; pool with {CONCURRENT} concurrent "
+             f"requests {r['concurrency_gain']:.2f}× sequential)",
+             "≥ 0.80", verdict(r["ratio"] >= TARGET))]

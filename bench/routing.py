@@ -11,7 +11,7 @@ import torch
 
 from metis.serving.engine import Engine
 
-from .common import Clock, decode_settings, interleave, ratio, sample_messages, timed, upcycled_pair
+from .common import Clock, Row, decode_settings, interleave, ratio, sample_messages, timed, upcycled_pair, verdict
 
 PREFILL_TARGET, DECODE_TARGET = 1.05, 0.95
 
@@ -71,3 +71,20 @@ def run(engine: Engine, quick: bool) -> dict:
         forward_passes_for_routing=passes,
         targets={"prefill_ratio": PREFILL_TARGET, "decode_ratio": DECODE_TARGET},
     )
+
+
+def rows(r: dict) -> list[Row]:
+    passes = r["forward_passes_for_routing"]
+    prefill, decode = r["prefill_ms"], r["decode_tokens_per_s"]
+    return [
+        ("Routing: prefill latency MoE auto / dense",
+         f"{r['prefill_ratio']:.3f} ({prefill['moe_auto']:.1f} vs {prefill['dense']:.1f} ms, "
+         f"{r['prompt_tokens']} tokens)", "≤ 1.05", verdict(r["prefill_ratio"] <= 1.05)),
+        ("Routing: decode tokens/s MoE auto / dense",
+         f"{r['decode_ratio']:.3f} ({decode['moe_auto']:.0f} vs {decode['dense']:.0f} tok/s)", "≥ 0.95",
+         verdict(r["decode_ratio"] >= 0.95)),
+        ("Routing: forward passes for N tokens (dense / MoE), gate calls",
+         f"{passes['dense']['forward_passes']} / {passes['moe_auto']['forward_passes']} for N={passes['new_tokens']}, "
+         f"{passes['moe_auto']['gate_calls']} gate calls ({passes['moe_layers']} MoE layers, prefill only)",
+         "0 extra", verdict(passes["extra_passes_for_routing"] == 0)),
+    ]

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from metis.serving.engine import Engine
 from metis.prompting import Message, PromptBuilder, PromptConfig
+from metis.serving.engine import Engine
 from metis.tiny import world
 
-from .common import timed
+from .common import Row, timed
 
 IMAGE_TOKENS = (256, 1024, 4096)
 TEXT_TOKENS = (128, 512, 2048)
@@ -30,7 +30,7 @@ _LIBC = ctypes.CDLL("libc.so.6")
 
 
 def _rss_kib(field: str) -> int:
-    line = next(l for l in _STATUS.read_text().splitlines() if l.startswith(field + ":"))
+    line = next(x for x in _STATUS.read_text().splitlines() if x.startswith(field + ":"))
     return int(line.split()[1])
 
 
@@ -70,7 +70,7 @@ def gate_flops_share(model) -> float:
     text = model.config.text_config
     layers = model.model.language_model.layers
     gate = sum(b.gate.weight.numel() for b in model.moe_blocks())
-    attn = sum(p.numel() for l in layers for p in l.self_attn.parameters())
+    attn = sum(p.numel() for layer in layers for p in layer.self_attn.parameters())
     per_expert = 3 * text.hidden_size * text.moe_intermediate_size
     shared = 3 * text.hidden_size * text.shared_expert_intermediate_size
     active = attn + gate + len(model.moe_blocks()) * (per_expert + shared) + model.lm_head.weight.numel()
@@ -127,3 +127,14 @@ def run(engine: Engine, quick: bool) -> dict:
         inputs = _inputs(engine, PromptConfig(max_text_chars=len(text)), Message("user", text))
         rows["text_tokens"].append({"text_tokens": tokens, **_prefill(engine, inputs, repeats)})
     return dict(rows, gate_flops_share=round(gate_flops_share(engine.model), 5))
+
+
+def rows(scaling: dict) -> list[Row]:
+    out = []
+    for key in ("image_tokens", "text_tokens"):
+        sizes = " / ".join(str(x[key]) for x in scaling[key])
+        costs = " / ".join(f"{x['prefill_ms']:.0f} ms, +{x['peak_extra_mib']:.0f} MiB" for x in scaling[key])
+        router = max(x["gate_share"] for x in scaling[key])
+        out.append((f"Scaling: prefill at {sizes} {key.replace('_', ' ')}",
+                    f"{costs}; router gates ≤ {router:.2%} of it", "", ""))
+    return out

@@ -28,7 +28,7 @@ from gradio_client import Client, handle_file
 from metis.serving.engine import Engine, GenerationSettings
 from metis.streaming import Done, Routed
 
-from .common import fixed_length, interleave, ratio, sample_messages
+from .common import Row, fixed_length, interleave, ratio, sample_messages, verdict
 
 TARGET = 0.90
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ class App:
         self.model, self.new_tokens, self.start_timeout = model, new_tokens, start_timeout
         self.app_args = app_args
 
-    def __enter__(self) -> "App":
+    def __enter__(self) -> App:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -72,7 +72,7 @@ class App:
 
     def peak_rss_mib(self) -> float:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return round(int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) / 1024, 1)
+        return round(int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) / 1024, 1)
 
     def cpu_seconds(self) -> float:
         """User + system CPU of the app process so far (clock-tick resolution, usually 10 ms)."""
@@ -147,3 +147,12 @@ def serve(port: int, model: str, new_tokens: int, app_args: list[str]) -> None:
 
 if __name__ == "__main__":
     serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4:])
+
+
+def rows(s: dict) -> list[Row]:
+    tps, ttft = s["tokens_per_s"], s["ttft_ms"]
+    return [("Server: gradio_client / engine decode tokens/s",
+             f"{s['ratio']:.3f} ({tps['gradio_client']:.0f} vs {tps['engine']:.0f} tok/s; TTFT "
+             f"{ttft['gradio_client']:.0f} vs {ttft['engine']:.0f} ms; "
+             f"engine CPU/request {s['cpu_ratio']:.2f}× the app's)",
+             "≥ 0.90", verdict(s["ratio"] >= TARGET))]

@@ -14,7 +14,7 @@ import torch
 from metis.serving.engine import Engine, GenerationSettings
 from metis.streaming import Done
 
-from .common import decode_settings, fixed_length, interleave, ratio, sample_messages, timed_cpu
+from .common import Row, decode_settings, fixed_length, interleave, ratio, sample_messages, timed_cpu, verdict
 
 TARGET = 0.95
 
@@ -51,3 +51,11 @@ def run(engine: Engine, quick: bool) -> dict:
         cpu_overhead_us_per_token=round((cpu["engine.stream"] - cpu["model.generate"]) / new_tokens * 1e6, 1),
         target=TARGET,
     )
+
+
+def rows(s: dict) -> list[Row]:
+    tps = s["tokens_per_s"]
+    return [("Streaming: engine.stream / model.generate tokens/s",
+             f"{s['ratio']:.3f} ({tps['engine.stream']:.0f} vs {tps['model.generate']:.0f} tok/s, "
+             f"{s['overhead_us_per_token']:.0f} µs/token; CPU-time ratio {s['cpu_ratio']:.3f})",
+             "≥ 0.95", verdict(s["ratio"] >= TARGET))]

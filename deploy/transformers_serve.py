@@ -72,7 +72,7 @@ class StockServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def __enter__(self) -> "StockServer":
+    def __enter__(self) -> StockServer:
         self.start()
         try:
             self.wait_ready()

@@ -10,10 +10,10 @@ import json
 import sys
 
 from .explain import strongest
-from .serving.engine import Engine, GenerationSettings
 from .loading import ROOT
 from .prompting import Message
 from .routing import MODES
+from .serving.engine import Engine, GenerationSettings
 from .streaming import AnswerDelta, Done, Failed, ReasoningDelta, Routed
 
 PUBLISHED_CONFIG = ROOT / "assets" / "reference" / "metis-home-config.json"
@@ -32,7 +32,8 @@ def _engine(args) -> Engine:
 def chat(args) -> int:
     engine = _engine(args)
     settings = GenerationSettings(mode=args.mode, threshold=args.threshold, max_new_tokens=args.max_new_tokens,
-                                  thinking_budget=args.thinking_budget, temperature=args.temperature)
+                                  thinking_budget=args.thinking_budget, temperature=args.temperature,
+                                  top_p=args.top_p, seed=args.seed)
     out = sys.stdout
     section = None
     for event in engine.stream(_messages(args), settings):
@@ -104,26 +105,32 @@ def finetune(args) -> int:
     return main(args, Engine.load)
 
 
+DEFAULTS = GenerationSettings()  # the CLI's defaults are the API's and the app's
+
+
+def with_model(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", default=None, help="checkpoint folder or Hub id (default: embedded tiny model)")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights (trusted sources only)")
+    return p
+
+
+def with_query(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", action="append", help="image file (repeat for several)")
+    p.add_argument("--mode", choices=MODES, default=DEFAULTS.mode)
+    p.add_argument("--threshold", type=float, default=DEFAULTS.threshold, help="default: the model's own")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m metis", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def with_model(p):
-        p.add_argument("--model", default=None, help="checkpoint folder or Hub id (default: embedded tiny model)")
-        p.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights (trusted sources only)")
-        return p
-
-    def with_query(p):
-        p.add_argument("--prompt", required=True)
-        p.add_argument("--image", action="append", help="image file (repeat for several)")
-        p.add_argument("--mode", choices=MODES, default="auto")
-        p.add_argument("--threshold", type=float, default=None)
-        return p
-
     p = with_query(with_model(sub.add_parser("chat", help="stream reasoning and answer to the terminal")))
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--thinking-budget", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens)
+    p.add_argument("--thinking-budget", type=int, default=DEFAULTS.thinking_budget, help="default: no budget")
+    p.add_argument("--temperature", type=float, default=DEFAULTS.temperature, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=DEFAULTS.top_p)
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="sampling seed (temperature > 0)")
     p.set_defaults(func=chat)
 
     with_query(with_model(sub.add_parser("route", help="print the routing trace as JSON"))).set_defaults(func=route)

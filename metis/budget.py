@@ -27,7 +27,7 @@ class RequestLimits:
             raise ValueError(f"overflow must be refuse or trim, got {self.overflow!r}")
 
     @classmethod
-    def from_env(cls) -> "RequestLimits":
+    def from_env(cls) -> RequestLimits:
         """METIS_MAX_PROMPT_TOKENS, METIS_PROMPT_OVERFLOW, METIS_MAX_SECONDS (server settings)."""
         env = os.environ.get
         return cls(int(env("METIS_MAX_PROMPT_TOKENS", cls.max_prompt_tokens)),

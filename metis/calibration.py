@@ -37,5 +37,6 @@ def expected_calibration_error(p_think: torch.Tensor, labels: torch.Tensor, bins
     for lo, hi in zip(edges[:-1], edges[1:]):
         in_bin = (confidence >= lo) & ((confidence < hi) | (hi == 1.0))
         if in_bin.any():
-            error += in_bin.float().mean().item() * abs(correct[in_bin].mean().item() - confidence[in_bin].mean().item())
+            gap = abs(correct[in_bin].mean().item() - confidence[in_bin].mean().item())
+            error += in_bin.float().mean().item() * gap
     return error

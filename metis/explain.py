@@ -32,7 +32,8 @@ def explain(trace: RoutingTrace, routing: Routing, input_ids: torch.Tensor, toke
         for i, t, s in zip(ids, tokens, scores)
     ]
     return dataclasses.replace(
-        trace, contributions=contributions, image_grids=_image_grids(ids, scores, image_token_id, image_grid_thw, merge),
+        trace, contributions=contributions,
+        image_grids=_image_grids(ids, scores, image_token_id, image_grid_thw, merge),
         question=_question_span(ids, tokenizer, image_token_id),
     )
 

@@ -12,7 +12,6 @@ A model that mixes experts inside a token (top-k > 1, a shared expert) has no su
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import warnings
 from dataclasses import dataclass
@@ -20,12 +19,12 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
-from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
 
-from .configuration import MetisHomeConfig, MetisHomeTextConfig
+from .configuration import MetisHomeConfig
+from .conversion import to_dense_config
 from .loading import (
     CheckpointMismatch,
     LoadedModel,
@@ -37,14 +36,17 @@ from .loading import (
     resolve_checkpoint,
     zero_gpu,
 )
-from .modeling import LEGACY_RENAMES, MetisHomeForConditionalGeneration, MetisHomeModel, MetisHomePreTrainedModel, is_gate
+from .modeling import (
+    LEGACY_RENAMES,
+    MetisHomeForConditionalGeneration,
+    MetisHomeModel,
+    MetisHomePreTrainedModel,
+    is_gate,
+)
 from .routing import expert_index
 
 EXPERT_NAMES = ("think", "direct")
 ROUTER = "router"
-MOE_TEXT_FIELDS = frozenset(
-    {f.name for f in dataclasses.fields(MetisHomeTextConfig)} - {f.name for f in dataclasses.fields(Qwen2_5_VLTextConfig)}
-)
 _EXPERT_KEY = re.compile(r"^(.*\.mlp\.)experts\.(\d+)\.(.*)$")
 
 
@@ -100,22 +102,6 @@ def split_problems(config: MetisHomeConfig) -> list[str]:
 def check_splittable(config: MetisHomeConfig) -> None:
     if problems := split_problems(config):
         raise NotSplittable("cannot export this checkpoint as two dense experts: " + "; ".join(problems))
-
-
-def dense_config(config: MetisHomeConfig) -> Qwen2_5_VLConfig:
-    """The stock Qwen2.5-VL config of one expert: the MoE fields go, the MLP width is the expert's."""
-    text = {k: v for k, v in config.text_config.to_dict().items() if k not in MOE_TEXT_FIELDS | {"model_type"}}
-    text["intermediate_size"] = config.text_config.moe_intermediate_size
-    tokens = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-    dense = Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=config.vision_config.to_dict(),
-        tie_word_embeddings=config.tie_word_embeddings,
-        **{name: getattr(config, name) for name in tokens},
-    )
-    dense.architectures = [Qwen2_5_VLForConditionalGeneration.__name__]
-    dense.dtype = config.dtype
-    return dense
 
 
 def expert_state_dict(state_dict: dict[str, torch.Tensor], expert: int) -> dict[str, torch.Tensor]:
@@ -207,7 +193,8 @@ def export_experts(checkpoint: str | None, out: str | Path) -> ExportSummary:
     experts = {name: expert_index(name, config.thinking_expert) for name in EXPERT_NAMES}
     params_expert = 0
     for name in EXPERT_NAMES:
-        dense = _build(Qwen2_5_VLForConditionalGeneration, dense_config(config), expert_state_dict(state, experts[name]))
+        weights = expert_state_dict(state, experts[name])
+        dense = _build(Qwen2_5_VLForConditionalGeneration, to_dense_config(config), weights)
         dense.generation_config = model.generation_config
         _save(dense, source, out / name)
         params_expert = dense.num_parameters()

@@ -155,7 +155,8 @@ def report(size: ModelSize) -> str:
         f"{size.kv_bytes_per_1k / 1e6:.1f} MB per 1k tokens",
     ]
     if size.literal_config_params is not None:
-        lines.append(f"(read literally, the config's own MoE widths would give {size.literal_config_params / 1e9:.2f}B)")
+        literal = size.literal_config_params / 1e9
+        lines.append(f"(read literally, the config's own MoE widths would give {literal:.2f}B)")
     lines += ["", f"Spaces GPU tiers (bf16 weights, {RUNTIME_RESERVE_GIB:g} GiB kept free per GPU for the CUDA "
                   f"context and activations; the model's own maximum context is {size.max_context:,} tokens):",
               "| tier | GPU memory | fits | KV cache room | usable context |", "|---|---|---|---|---|"]
@@ -163,5 +164,6 @@ def report(size: ModelSize) -> str:
         room = size.kv_room(gpus, gb)
         memory = f"{gpus} x {gb} GB" if gpus > 1 else f"{gb} GB"
         usable = f"{min(room, size.max_context) // 1000}k tokens" if room else "-"
-        lines.append(f"| {name} | {memory} | {'yes' if room else 'no'} | {f'{room:,} tokens' if room else '-'} | {usable} |")
+        kv = f"{room:,} tokens" if room else "-"
+        lines.append(f"| {name} | {memory} | {'yes' if room else 'no'} | {kv} | {usable} |")
     return "\n".join(lines)

@@ -13,41 +13,15 @@ import torch
 from accelerate import init_empty_weights
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from .configuration import MetisHomeConfig
+from .conversion import to_moe_config
 from .modeling import MetisHomeForConditionalGeneration, is_gate
 
 _DENSE_MLP = re.compile(r"^(.*\.layers\.\d+\.mlp)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
-def upcycle_config(dense_config, num_experts: int = 2, thinking_expert: int = 0, system_prompt=None):
-    text = dense_config.text_config.to_dict()
-    text.update(
-        num_experts=num_experts,
-        num_experts_per_tok=1,
-        moe_intermediate_size=dense_config.text_config.intermediate_size,
-        shared_expert_intermediate_size=0,
-        norm_topk_prob=True,
-        mlp_only_layers=[],
-        decoder_sparse_step=1,
-    )
-    text.pop("model_type", None)
-    top = {
-        k: getattr(dense_config, k)
-        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-    }
-    return MetisHomeConfig(
-        text_config=text,
-        vision_config=dense_config.vision_config.to_dict(),
-        tie_word_embeddings=dense_config.tie_word_embeddings,
-        thinking_expert=thinking_expert,
-        system_prompt=system_prompt,
-        **top,
-    )
-
-
 def upcycle(dense: Qwen2_5_VLForConditionalGeneration, num_experts: int = 2, thinking_expert: int = 0,
             system_prompt: str | None = None) -> MetisHomeForConditionalGeneration:
-    config = upcycle_config(dense.config, num_experts, thinking_expert, system_prompt)
+    config = to_moe_config(dense.config, num_experts, thinking_expert, system_prompt)
     config._attn_implementation = dense.config._attn_implementation
     with init_empty_weights(include_buffers=False):  # parameters are assigned below, never allocated twice
         moe = MetisHomeForConditionalGeneration(config)

@@ -27,9 +27,9 @@ import httpx
 from gradio_client import Client, handle_file
 
 from bench.common import fixed_length
+from metis.prompting import Message
 from metis.serving.engine import Engine, GenerationSettings
 from metis.serving.scheduler import BatchLimits
-from metis.prompting import Message
 from metis.tiny import world
 
 MAX_NEW_TOKENS = 48

@@ -19,9 +19,9 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from metis.routing import RoutingTrace
+from metis.serving.interface import ModelDescription
 from metis.streaming import AnswerDelta, Done, GenerationStats, ReasoningDelta, Routed
 from metis.tiny import world
-from metis.serving.interface import ModelDescription
 from metis.ui import CSS, THEME, build_demo
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -32,3 +32,15 @@ def test_bad_input_is_one_line_not_a_traceback(tiny_checkpoint, tmp_path, capsys
     assert main(["chat", "--model", str(tiny_checkpoint), "--prompt", "x", "--threshold", "2"]) == 2
     err = capsys.readouterr().err
     assert "bad.png: the file is empty" in err and "threshold must be within" in err and "Traceback" not in err
+
+
+def test_chat_defaults_are_the_generation_settings_defaults():
+    """One source for the defaults: the CLI's are GenerationSettings' (the API's and the app's)."""
+    from dataclasses import fields
+
+    from metis.__main__ import build_parser
+    from metis.serving.engine import GenerationSettings
+
+    args = build_parser().parse_args(["chat", "--prompt", "q"])
+    parsed = {f.name: getattr(args, f.name) for f in fields(GenerationSettings)}
+    assert GenerationSettings(**parsed) == GenerationSettings()

@@ -136,8 +136,8 @@ def test_the_curve_equals_real_auto_runs_at_two_thresholds(embedded, sample_resu
     for threshold in (0.5, round(other, 4)):
         settings = RunSettings(threshold, 96, embedded.concurrency)
         with ThreadPoolExecutor(embedded.concurrency) as pool:
-            real = list(pool.map(lambda i: answer(embedded.stream, questions, i, "auto", settings, threading.Event()),
-                                 range(len(questions))))
+            real = list(pool.map(lambda i, s=settings: answer(embedded.stream, questions, i, "auto", s,
+                                                              threading.Event()), range(len(questions))))
         rebuilt = routed(sample_results, threshold)
         assert [(o.answer, o.correct, o.tokens) for o in real] == [(o.answer, o.correct, o.tokens) for o in rebuilt]
         assert [o.decision for o in real] == [o.decision for o in rebuilt]

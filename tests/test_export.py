@@ -7,16 +7,15 @@ import sys
 
 import pytest
 import torch
+from conftest import moe_config
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from metis.__main__ import main
 from metis.export import NotSplittable, export_experts, load_router
-from metis.serving.engine import Engine
 from metis.modeling import MetisHomeForConditionalGeneration
 from metis.prompting import Message
+from metis.serving.engine import Engine
 from metis.tiny import world
-
-from conftest import moe_config
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,8 @@ def exported(tmp_path_factory):
 def queries(n: int = 6) -> list[list[Message]]:
     """Tiny-world questions with their image, and the same questions as text only."""
     samples = world.generate("test", n)
-    return [[Message("user", s.question, [s.image])] for s in samples] + [[Message("user", s.question)] for s in samples]
+    with_image = [[Message("user", s.question, [s.image])] for s in samples]
+    return with_image + [[Message("user", s.question)] for s in samples]
 
 
 @pytest.mark.parametrize("expert", ["think", "direct"])

@@ -14,10 +14,17 @@ import pytest
 import torch
 
 from metis.finetune import (
-    DatasetError, RouterTrainer, TrainSettings, apply_router, extract_features, load_dataset, load_router,
+    DatasetError,
+    RouterTrainer,
+    TrainSettings,
+    apply_router,
+    cli,
+    extract_features,
+    load_dataset,
+    load_router,
+    metrics,
     train_router,
 )
-from metis.finetune import cli, metrics
 from metis.finetune.data import unpack_upload
 from metis.tiny import world
 from metis.ui.runtime import Runner
@@ -72,7 +79,8 @@ def test_validation_lists_every_bad_line(tmp_path):
 
 def test_csv_and_limits(tmp_path, monkeypatch):
     world.sample(0).image.save(tmp_path / "a.png")
-    (tmp_path / "d.csv").write_text('text,images,label\n"Sum it, please",a.png;a.png,think\nColour?,,direct\nx,,bogus\n')
+    (tmp_path / "d.csv").write_text('text,images,label\n"Sum it, please",a.png;a.png,think\n'
+                                    'Colour?,,direct\nx,,bogus\n')
     with pytest.raises(DatasetError) as info:
         load_dataset(tmp_path / "d.csv")
     assert info.value.problems == ["line 4: unknown label 'bogus' (expected one of think, direct)"]
@@ -110,7 +118,8 @@ def test_metrics():
 
 
 def test_features_are_cached(engine, toy, toy_features, tmp_path):
-    assert toy_features.inputs.shape == (len(toy), len(engine.model.moe_blocks()), engine.model.config.text_config.hidden_size)
+    hidden = engine.model.config.text_config.hidden_size
+    assert toy_features.inputs.shape == (len(toy), len(engine.model.moe_blocks()), hidden)
     again = extract_features(engine, toy, cache_dir=tmp_path)
     assert again.cached and again.seconds == 0.0 and torch.equal(again.inputs, toy_features.inputs)
 

@@ -12,13 +12,13 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 from accelerate import PartialState
+from conftest import moe_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import moe_config
 from metis.configuration import MetisHomeConfig
-from metis.serving.batch import ThinkingBudget
 from metis.loading import EMBEDDED, NotEnoughGPUMemory, gpu_device_map, load, pick_runtime, placement
 from metis.modeling import MetisHomeMoeBlock
+from metis.serving.batch import ThinkingBudget
 from metis.streaming import IncrementalDecoder
 
 ROOT = Path(__file__).resolve().parent.parent

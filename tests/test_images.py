@@ -1,8 +1,8 @@
 """Every kind of bad or unusual upload ends as an RGB image or one clear ImageError."""
 
 import io
-import zlib
 import struct
+import zlib
 
 import pytest
 from PIL import Image

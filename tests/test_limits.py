@@ -5,10 +5,10 @@ import json
 import urllib.request
 
 import pytest
-from gradio_client import Client, handle_file
+from gradio_client import Client
 from gradio_client.exceptions import AppError
-
 from loadtest import free_port
+
 from metis.ui import build_demo
 
 
@@ -197,8 +197,8 @@ import time  # noqa: E402
 
 from bench.fairness import long_conversation  # noqa: E402
 from metis.budget import RequestLimits, count_tokens  # noqa: E402
-from metis.serving.interface import GenerationSettings  # noqa: E402
 from metis.prompting import Message, PromptError  # noqa: E402
+from metis.serving.interface import GenerationSettings  # noqa: E402
 from metis.streaming import Done, Notice  # noqa: E402
 from metis.ui.events import ChatTurn  # noqa: E402
 
@@ -279,8 +279,9 @@ def test_images_at_the_pixel_cap_stay_under_a_gigabyte(tmp_path):
 
 
 def test_a_zip_of_huge_images_is_refused_from_its_headers(tmp_path):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     buf = io.BytesIO()
     Image.new("L", (13000, 13000)).save(buf, "PNG")

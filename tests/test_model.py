@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import init_empty_weights
+from conftest import moe_config
 from safetensors.torch import load_file, save_file
 
-from conftest import dense_config, moe_config
 from metis.configuration import MetisHomeConfig
 from metis.loading import CheckpointMismatch, load, to_model_name
 from metis.modeling import MetisHomeForConditionalGeneration, MetisHomeMoeBlock

@@ -37,7 +37,7 @@ def test_waiting_callers_get_the_model_in_arrival_order():
         for i, name in enumerate("abcd"):
             threads.append(threading.Thread(target=caller, args=(name,)))
             threads[-1].start()
-            wait_until(lambda: slot.waiting() == i + 1)
+            wait_until(lambda n=i + 1: slot.waiting() == n)
     for t in threads:
         t.join(30)
     assert order == list("abcd")

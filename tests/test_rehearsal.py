@@ -13,11 +13,11 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, LogitsProcessor
 
 from metis.__main__ import main
-from metis.serving.interface import GenerationSettings
 from metis.prompting import Message
 from metis.qwen_vocab import REGULAR_TOKENS, SPECIAL_IDS
 from metis.rehearsal import PUBLISHED_CONFIG, TEXT_SIZE, VISION_SIZE
 from metis.routing import MODES
+from metis.serving.interface import GenerationSettings
 from metis.streaming import AnswerDelta, Done, IncrementalDecoder, OutputParser, ReasoningDelta
 from metis.ui import build_demo
 from metis.ui.chat import MODES as APP_MODES
@@ -209,7 +209,8 @@ def test_thinking_budget_forces_the_three_token_close(rehearsal, scripted):
                                                                     thinking_budget=6)))
     kinds = [type(e) for e in events if isinstance(e, ReasoningDelta | AnswerDelta)]
     assert ReasoningDelta in kinds and AnswerDelta in kinds
-    assert kinds.index(AnswerDelta) > kinds.index(ReasoningDelta) and ReasoningDelta not in kinds[kinds.index(AnswerDelta):]
+    first_answer = kinds.index(AnswerDelta)
+    assert first_answer > kinds.index(ReasoningDelta) and ReasoningDelta not in kinds[first_answer:]
     assert "think>" not in "".join(e.text for e in events if isinstance(e, ReasoningDelta | AnswerDelta))
     assert events[-1].stats.thinking_tokens <= 6 + 2
 

@@ -16,8 +16,8 @@ from gradio_client import Client, handle_file
 
 from deploy.transformers_serve import stock_servers
 from metis.export import export_experts
-from metis.serving.engine import Engine, GenerationSettings
 from metis.prompting import Message
+from metis.serving.engine import Engine, GenerationSettings
 from metis.serving.remote import ClientPolicy, RemoteEngine
 from metis.streaming import AnswerDelta, Done, Failed, ReasoningDelta, Routed
 from metis.tiny import world
@@ -232,7 +232,8 @@ def test_app_started_with_remote_flags_serves_chat_and_route(exported, servers, 
         trace = client.predict(message, api_name="/route")
         assert trace["decision"] == local.route(question(sample)).decision
         messages = client.predict(message, "auto", api_name="/chat")
-        assert local.run(question(sample), GenerationSettings(max_new_tokens=1024)).answer in str(messages[-1]["content"])
+        expected = local.run(question(sample), GenerationSettings(max_new_tokens=1024)).answer
+        assert expected in str(messages[-1]["content"])
         client.close()
     finally:
         app.terminate()

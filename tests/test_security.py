@@ -6,8 +6,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from loadtest import free_port
+
 from metis.ui import build_demo
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,9 +11,9 @@ import os
 
 import pytest
 
-from metis.serving.engine import Engine, GenerationSettings
 from metis.loading import EMBEDDED
 from metis.prompting import Message
+from metis.serving.engine import Engine, GenerationSettings
 from metis.tiny import corpus, world
 
 HELD_OUT = world.generate("test", 12)

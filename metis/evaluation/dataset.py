@@ -20,8 +20,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..finetune.data import (PROMPT, DataFiles, DatasetError, UploadBudget, check_images, read_rows, unpack_upload,
-                             within_budget)
+from ..finetune.data import (
+    PROMPT,
+    DataFiles,
+    DatasetError,
+    UploadBudget,
+    check_images,
+    read_rows,
+    unpack_upload,
+    within_budget,
+)
 from ..images import load_images
 from ..prompting import Message
 from .matching import choice_index, letter

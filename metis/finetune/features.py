@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from ..routing import expert_index
 from .data import Example, dataset_hash
 
-_MEMORY: dict[str, "Features"] = {}  # newest last; 7B-model features are ~200 MB per 500 examples
+_MEMORY: dict[str, Features] = {}  # newest last; 7B-model features are ~200 MB per 500 examples
 MEMORY_ENTRIES = 4
 
 
@@ -44,7 +44,7 @@ class Features:
     threshold: float = 0.5
 
     @classmethod
-    def concat(cls, parts: list["Features"]) -> "Features":
+    def concat(cls, parts: list[Features]) -> Features:
         """The features of consecutive shards (one per process under `accelerate launch`), in order."""
         first = parts[0]
         return cls(torch.cat([p.inputs for p in parts]), torch.cat([p.targets for p in parts]),

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 
 from metis.tiny import phrasing
-from metis.tiny.natural_kinds import F, KINDS  # noqa: F401  (re-exported)
+from metis.tiny.natural_kinds import KINDS, F  # noqa: F401  (re-exported)
 
 REFUSAL = "I can only answer questions about the coloured shapes I was trained on."
 OFF_WORLD_CHAIN = "not about the shapes."

@@ -96,7 +96,8 @@ class Encoder:
         return weights
 
     def shapes(self, sample: world.Sample, thinking: bool, expert: int, route_weight: float) -> dict:
-        return self.example(sample.question, [sample.image], world.format_target(sample, thinking), expert, route_weight)
+        target = world.format_target(sample, thinking)
+        return self.example(sample.question, [sample.image], target, expert, route_weight)
 
 
 def collate(examples: list[dict], pad_id: int, image_token_id: int) -> dict:

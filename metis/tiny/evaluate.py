@@ -21,12 +21,13 @@ import torch
 from tqdm import tqdm
 
 from ..calibration import expected_calibration_error
-from ..serving.engine import Engine, GenerationSettings
 from ..prompting import Message
+from ..routing import MODES as ROUTING_MODES
+from ..serving.engine import Engine, GenerationSettings
 from . import corpus, world
 from .data import picture
 
-MODES = ("auto", "think", "direct")
+MODES = tuple(m for m in ROUTING_MODES if m != "token")  # per query; token routing picks no one expert
 FAMILIES = ("direct", "reasoning")
 
 
@@ -120,7 +121,8 @@ def _split_table(name: str, r: dict) -> list[str]:
     lines += ["", "| question type | n | routed right | auto correct | think correct | direct correct |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {q} | {t['n']} | {t['routed_right']:.0%} | {t.get('correct_auto', 0):.0%} "
-              f"| {t.get('correct_think', 0):.0%} | {t.get('correct_direct', 0):.0%} |" for q, t in r["per_type"].items()]
+              f"| {t.get('correct_think', 0):.0%} | {t.get('correct_direct', 0):.0%} |"
+              for q, t in r["per_type"].items()]
     return lines + [""]
 
 

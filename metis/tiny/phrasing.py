@@ -20,7 +20,8 @@ POOLS = ("train", "val", "test")
 # {pos} a cell position, {k} a number removed, {art} "a"/"an".
 FRAMES: dict[str, dict[str, tuple[str, ...]]] = {
     "count_shape": {
-        "train": ("I want to know how many {p} there are.", "Please count the {p}.", "How many {p} exist?", "How many {p} are there?", "Count the {p}.", "How many {p} can you see?",
+        "train": ("I want to know how many {p} there are.", "Please count the {p}.", "How many {p} exist?",
+                  "How many {p} are there?", "Count the {p}.", "How many {p} can you see?",
                   "What is the number of {p}?", "How many {p} do you see?", "Tell me how many {p} there are.",
                   "Number of {p}?", "How many {p} are in the picture?", "Give the count of {p}.",
                   "What's the number of {p} shown?",
@@ -35,7 +36,8 @@ FRAMES: dict[str, dict[str, tuple[str, ...]]] = {
                  "How many {p} does the image contain?"),
     },
     "count_all": {
-        "train": ("How many {x} are shown?", "What is the total count of {x}?", "Give me the number of {x}.", "How many shapes are there?", "Count the shapes.", "How many shapes can you see?",
+        "train": ("How many {x} are shown?", "What is the total count of {x}?", "Give me the number of {x}.",
+                  "How many shapes are there?", "Count the shapes.", "How many shapes can you see?",
                   "What is the number of shapes?", "How many {x} are there in total?", "Count all the {x}.",
                   "How many {x} do you see?", "Tell me the number of {x}.", "Total number of {x}?",
                   "How many {x} are visible in total?",
@@ -49,7 +51,8 @@ FRAMES: dict[str, dict[str, tuple[str, ...]]] = {
                  "What is the count of {x} in the image?"),
     },
     "colour": {
-        "train": ("Which {col} does the {s} have?", "I want to know the {col} of the {s}.", "What colour is the {s}?", "Which colour is the {s}?", "What is the colour of the {s}?",
+        "train": ("Which {col} does the {s} have?", "I want to know the {col} of the {s}.", "What colour is the {s}?",
+                  "Which colour is the {s}?", "What is the colour of the {s}?",
                   "What {col} is the {s}?", "Tell me the {col} of the {s}.", "The {s} is which {col}?",
                   "Name the {col} of the {s}.", "What {col} does the {s} have?",
                   "Could you tell me the {col} of the {s}?",
@@ -62,7 +65,8 @@ FRAMES: dict[str, dict[str, tuple[str, ...]]] = {
         "test": ("Identify the {col} of the {s}.", "What is the {s}'s {col}?", "In what {col} is the {s} drawn?"),
     },
     "shape": {
-        "train": ("Which {x1} has the colour {c}?", "Tell me the shape of the {c} {x1}.", "Which shape is {c}?", "What shape is {c}?", "What is the {c} shape?",
+        "train": ("Which {x1} has the colour {c}?", "Tell me the shape of the {c} {x1}.", "Which shape is {c}?",
+                  "What shape is {c}?", "What is the {c} shape?",
                   "What kind of {x1} is the {c} one?", "Name the {c} {x1}.", "Which {x1} is {c}?",
                   "What is the shape of the {c} {x1}?", "Tell me which shape is {c}.",
                   "Could you tell me which {x1} is {c}?",
@@ -76,7 +80,8 @@ FRAMES: dict[str, dict[str, tuple[str, ...]]] = {
                  "Which figure has the colour {c}?"),
     },
     "cell": {
-        "train": ("Which {x1} is in the {pos}?", "Tell me what is located in the {pos}.", "What is in the {pos}?", "What is in the {pos} cell?", "What do you see in the {pos}?",
+        "train": ("Which {x1} is in the {pos}?", "Tell me what is located in the {pos}.", "What is in the {pos}?",
+                  "What is in the {pos} cell?", "What do you see in the {pos}?",
                   "Which shape is in the {pos} corner?", "What is drawn in the {pos}?",
                   "Tell me what is in the {pos} square of the grid.", "Describe the {pos} cell.",
                   "Could you tell me what is in the {pos}?",
@@ -90,7 +95,8 @@ FRAMES: dict[str, dict[str, tuple[str, ...]]] = {
                  "What appears in the {pos} quarter?"),
     },
     "present": {
-        "train": ("Are there any {p}?", "Can I find {art} {s} in it?", "Is there {art} {s}?", "Is there {art} {s} in the picture?", "Do you see {art} {s}?",
+        "train": ("Are there any {p}?", "Can I find {art} {s} in it?", "Is there {art} {s}?",
+                  "Is there {art} {s} in the picture?", "Do you see {art} {s}?",
                   "Can you see {art} {s}?", "Does the image contain {art} {s}?", "Is any {s} present?",
                   "Tell me if there is {art} {s}.",
                   "Could you tell me if there is {art} {s}?",
@@ -103,7 +109,8 @@ FRAMES: dict[str, dict[str, tuple[str, ...]]] = {
         "test": ("Does {art} {s} appear?", "Is there at least one {s}?", "Check whether there is {art} {s}."),
     },
     "colour_at": {
-        "train": ("What colour is the thing in the {pos}?", "Tell me which {col} the {pos} one is.", "What colour is the shape in the {pos}?", "What {col} is the {x1} in the {pos}?",
+        "train": ("What colour is the thing in the {pos}?", "Tell me which {col} the {pos} one is.",
+                  "What colour is the shape in the {pos}?", "What {col} is the {x1} in the {pos}?",
                   "Which {col} is the {pos} shape?", "Tell me the {col} of the {x1} in the {pos}.",
                   "What is the {col} of the {pos} {x1}?", "The {x1} in the {pos} is which {col}?",
                   "Could you tell me the {col} of the {x1} in the {pos}?",
@@ -117,7 +124,8 @@ FRAMES: dict[str, dict[str, tuple[str, ...]]] = {
                  "Identify the {col} of whatever is in the {pos}."),
     },
     "count_diff": {
-        "train": ("First count the {a}, then the {b}, and subtract.", "How many more {a} do you see than {b}?", "How many more {a} than {b} are there?", "How many more {a} are there than {b}?",
+        "train": ("First count the {a}, then the {b}, and subtract.", "How many more {a} do you see than {b}?",
+                  "How many more {a} than {b} are there?", "How many more {a} are there than {b}?",
                   "What is the number of {a} minus the number of {b}?",
                   "What is the difference between the number of {a} and {b}?",
                   "Count the {a} and the {b}, then subtract.", "By how many do the {a} outnumber the {b}?",
@@ -134,7 +142,8 @@ FRAMES: dict[str, dict[str, tuple[str, ...]]] = {
                  "How many extra {a} are there compared to {b}?"),
     },
     "total_sides": {
-        "train": ("Count the sides of every {x1} and add them.", "What is the total of all sides?", "How many sides do the shapes have in total?", "What is the total number of sides of all shapes?",
+        "train": ("Count the sides of every {x1} and add them.", "What is the total of all sides?",
+                  "How many sides do the shapes have in total?", "What is the total number of sides of all shapes?",
                   "How many sides are there altogether?", "Add up the sides of all the {x}.",
                   "What is the sum of the sides of every {x1}?", "Count all the sides of the {x} together.",
                   "How many edges do the {x} have altogether?",
@@ -149,7 +158,8 @@ FRAMES: dict[str, dict[str, tuple[str, ...]]] = {
                  "Total the sides of the {x}."),
     },
     "more_colour": {
-        "train": ("Count the {ca} {x} and the {cb} {x}: which colour has more?", "More {ca} or more {cb}?", "Are there more {ca} shapes or {cb} shapes?", "Which is more common, {ca} or {cb}?",
+        "train": ("Count the {ca} {x} and the {cb} {x}: which colour has more?", "More {ca} or more {cb}?",
+                  "Are there more {ca} shapes or {cb} shapes?", "Which is more common, {ca} or {cb}?",
                   "Which colour appears more often, {ca} or {cb}?", "Are there more {ca} {x} or {cb} {x}?",
                   "Compare the {ca} and {cb} {x}: which are more numerous?",
                   "Which {col} is used more, {ca} or {cb}?", "Is {ca} or {cb} more frequent?",
@@ -164,7 +174,9 @@ FRAMES: dict[str, dict[str, tuple[str, ...]]] = {
                  "Between {ca} and {cb}, which {col} has more {x}?"),
     },
     "remain": {
-        "train": ("I take away {k} {p}. How many {x} are still there?", "How many shapes are left if {k} {p} are taken out?", "If I remove {k} {p}, how many shapes remain?", "Take away {k} {p}. How many {x} are left?",
+        "train": ("I take away {k} {p}. How many {x} are still there?",
+                  "How many shapes are left if {k} {p} are taken out?", "If I remove {k} {p}, how many shapes remain?",
+                  "Take away {k} {p}. How many {x} are left?",
                   "How many {x} are left after removing {k} {p}?", "Remove {k} {p}; how many {x} remain?",
                   "If {k} {p} were removed, how many {x} would be left?",
                   "After taking away {k} {p}, how many {x} are there?",
@@ -179,7 +191,8 @@ FRAMES: dict[str, dict[str, tuple[str, ...]]] = {
                  "How many {x} remain once {k} {p} are removed?"),
     },
     "not_colour": {
-        "train": ("How many {x} are some other colour than {c}?", "Not counting the {c} ones, how many {x} are there?", "How many shapes are not {c}?", "How many {x} are not {c}?", "Count the {x} that are not {c}.",
+        "train": ("How many {x} are some other colour than {c}?", "Not counting the {c} ones, how many {x} are there?",
+                  "How many shapes are not {c}?", "How many {x} are not {c}?", "Count the {x} that are not {c}.",
                   "How many {x} have a colour other than {c}?", "What is the number of non-{c} {x}?",
                   "Excluding {c} ones, how many {x} are there?",
                   "Could you tell me how many {x} are not {c}?",
@@ -193,7 +206,8 @@ FRAMES: dict[str, dict[str, tuple[str, ...]]] = {
                  "Ignoring the {c} {x}, how many are left?"),
     },
     "kind_sides": {
-        "train": ("Add the sides of all {p} together.", "What is the sum of the sides of the {p}?", "How many sides do the {p} have in total?", "Add up the sides of the {p}.",
+        "train": ("Add the sides of all {p} together.", "What is the sum of the sides of the {p}?",
+                  "How many sides do the {p} have in total?", "Add up the sides of the {p}.",
                   "What is the total number of sides of the {p}?", "How many sides do all the {p} have together?",
                   "Sum the sides of every {s}.", "Count the sides of the {p} altogether.",
                   "Could you work out the total number of sides of the {p}?",
@@ -207,7 +221,8 @@ FRAMES: dict[str, dict[str, tuple[str, ...]]] = {
                  "What is the combined number of sides of the {p}?"),
     },
     "compare_two": {
-        "train": ("Count the {c} {x} and the {p}: which group is bigger?", "Are {c} {x} more common than {p}?", "Are there more {c} shapes or {p}?", "Which are more numerous, {c} {x} or {p}?",
+        "train": ("Count the {c} {x} and the {p}: which group is bigger?", "Are {c} {x} more common than {p}?",
+                  "Are there more {c} shapes or {p}?", "Which are more numerous, {c} {x} or {p}?",
                   "Are there more {p} or {c} {x}?", "Compare the {c} {x} with the {p}: which are more?",
                   "Which is larger, the number of {p} or the number of {c} {x}?",
                   "Do {c} {x} outnumber {p}?",

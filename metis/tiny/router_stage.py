@@ -166,8 +166,8 @@ def run(model_dir: str | Path, out: str | Path, minutes: float = 4.0, examples: 
         cache_dir: str | Path | None = None) -> dict:
     """Fit the gates of the checkpoint in `model_dir` and write it to `out` (may be the same
     folder): only the gate weights and `config.router_temperature` change. Returns the report."""
-    from metis.serving.engine import Engine
     from metis.modeling import MetisHomeForConditionalGeneration
+    from metis.serving.engine import Engine
 
     start = time.time()
     settings = settings or TrainSettings(epochs=60, batch_size=64, val_fraction=0.1, patience=8, seed=seed)

@@ -31,10 +31,9 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from metis.modeling import MetisHomeForConditionalGeneration
 from metis.tiny import router_stage, world
 from metis.tiny.data import MODEL_INPUTS, Encoder, Mix, Stream, collate, lm_loss
-from metis.tiny.validation import calibrate, check_padding, evaluate, image_spread
 from metis.tiny.tokenizer import build_image_processor, build_tokenizer
+from metis.tiny.validation import calibrate, check_padding, evaluate, image_spread
 from metis.upcycle import upcycle
-
 
 
 def dense_config(tok) -> Qwen2_5_VLConfig:
@@ -95,8 +94,8 @@ def forward(model, batch: dict, moe: bool, router_smoothing: float = 0.0):
     # the gate's margins finite, so p_think can be calibrated. Route weight 0 (direct questions
     # trained to think) teaches the thinking expert but not the router.
     w = batch["route_weight"]
-    ce = torch.stack([F.cross_entropy(l.float(), batch["expert"], reduction="none", label_smoothing=router_smoothing)
-                      for l in routing.record.layer_logits])
+    ce = torch.stack([F.cross_entropy(layer.float(), batch["expert"], reduction="none",
+                                      label_smoothing=router_smoothing) for layer in routing.record.layer_logits])
     router = (ce.mean(0) * w).sum() / w.sum().clamp(min=1)
     acc = ((routing.query_logits.argmax(-1) == batch["expert"]).float() * w).sum() / w.sum().clamp(min=1)
     return lm + router, lm, router, acc.item()
@@ -212,7 +211,7 @@ def train_stage(name, model, enc, args, stage: int, seconds: float, max_steps: i
     return {"steps": step, "seconds": round(time.time() - start, 1), "lr": lr, "history": history}
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="output folder (a temporary one with --smoke)")
     ap.add_argument("--minutes", type=float, default=90.0, help="total wall time, split between the stages")
@@ -248,45 +247,28 @@ def main(argv=None):
         args.out = args.out or tempfile.mkdtemp(prefix="metis-tiny-")
     elif not args.out:
         ap.error("--out is required")
+    return args
 
-    torch.set_num_threads(2)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    ckpt = Checkpoints(out)
-    resume = ckpt.state() if args.resume else None
-    t0 = time.time() - (resume["seconds"] + resume.get("stage1", {}).get("seconds", 0.0) if resume else 0.0)
-    tok = build_tokenizer(args.seed)
-    image_processor = build_image_processor()
-    enc = Encoder(tok, image_processor)
-    val = world.generate("val", max(args.quick_val, args.final_val), wording="val")
-    total = args.minutes * 60
-    report = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "resume")}}
 
-    if resume and resume["stage"] == 2:
-        s1 = resume["stage1"]
-    else:
-        if resume:
-            dense = ckpt.load(Qwen2_5_VLForConditionalGeneration)
-        else:
-            dense = Qwen2_5_VLForConditionalGeneration(dense_config(tok))
-            print(f"dense model: {sum(p.numel() for p in dense.parameters()) / 1e6:.2f}M parameters")
-            print(f"padded vs alone max loss difference: {check_padding(dense, enc):.2e}")
-        s1 = train_stage("stage1-dense", dense, enc, args, 1, total * args.stage1_share, args.steps1, args.lr1, val,
-                         ckpt, resume, report)
-        s1["val"] = evaluate(dense, enc, val[: args.quick_val], moe=False)
-        print(f"stage 1 done: {s1['steps']} steps, val {json.dumps(s1['val'])}")
-        resume = None
-    report["stage1"] = s1
-
+def stage1(args, tok, enc: Encoder, val: list, ckpt: Checkpoints, resume: dict | None, report: dict,
+           seconds: float) -> tuple[Qwen2_5_VLForConditionalGeneration, dict]:
+    """The dense model learns the world (from scratch, or from its checkpoint)."""
     if resume:
-        model = ckpt.load(MetisHomeForConditionalGeneration)
+        dense = ckpt.load(Qwen2_5_VLForConditionalGeneration)
     else:
-        model = upcycle(dense, thinking_expert=0, system_prompt=world.SYSTEM_PROMPT)
-        del dense
-    print(f"Metis-HOME model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    # two minutes for calibration and the final val, then the router stage
-    budget = total * (1 - args.stage1_share) - 120 - args.router_minutes * 60
-    s2 = train_stage("stage2-moe", model, enc, args, 2, budget, args.steps2, args.lr2, val, ckpt, resume, report)
+        dense = Qwen2_5_VLForConditionalGeneration(dense_config(tok))
+        print(f"dense model: {sum(p.numel() for p in dense.parameters()) / 1e6:.2f}M parameters")
+        print(f"padded vs alone max loss difference: {check_padding(dense, enc):.2e}")
+    s1 = train_stage("stage1-dense", dense, enc, args, 1, seconds, args.steps1, args.lr1, val, ckpt, resume, report)
+    s1["val"] = evaluate(dense, enc, val[: args.quick_val], moe=False)
+    print(f"stage 1 done: {s1['steps']} steps, val {json.dumps(s1['val'])}")
+    return dense, s1
+
+
+def stage2(args, model: MetisHomeForConditionalGeneration, enc: Encoder, val: list, ckpt: Checkpoints,
+           resume: dict | None, report: dict, seconds: float) -> None:
+    """The upcycled model learns to think, answer directly and route; then calibration and the final val."""
+    s2 = train_stage("stage2-moe", model, enc, args, 2, seconds, args.steps2, args.lr2, val, ckpt, resume, report)
     report["stage2"] = s2
     report["calibration"] = calibrate(model, enc, args.calibration)
     print(f"calibration: {json.dumps(report['calibration'])}")
@@ -294,6 +276,10 @@ def main(argv=None):
     report["final_val_samples"] = args.final_val
     print(f"stage 2 done: {s2['steps']} steps, final val {json.dumps(report['final_val'])}")
 
+
+def save(args, out: Path, model: MetisHomeForConditionalGeneration, tok, image_processor, report: dict,
+         t0: float) -> None:
+    """The checkpoint folder, then the router stage on it, then training.json."""
     out.mkdir(parents=True, exist_ok=True)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.eos_token_id = eos
@@ -309,6 +295,39 @@ def main(argv=None):
     report["total_seconds"] = round(time.time() - t0, 1)
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"saved to {out} in {report['total_seconds'] / 60:.1f} min")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(2)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    ckpt = Checkpoints(out)
+    resume = ckpt.state() if args.resume else None
+    t0 = time.time() - (resume["seconds"] + resume.get("stage1", {}).get("seconds", 0.0) if resume else 0.0)
+    tok = build_tokenizer(args.seed)
+    image_processor = build_image_processor()
+    enc = Encoder(tok, image_processor)
+    val = world.generate("val", max(args.quick_val, args.final_val), wording="val")
+    total = args.minutes * 60
+    report = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "resume")}}
+
+    if resume and resume["stage"] == 2:
+        report["stage1"] = resume["stage1"]
+    else:
+        dense, report["stage1"] = stage1(args, tok, enc, val, ckpt, resume, report, total * args.stage1_share)
+        resume = None
+
+    if resume:
+        model = ckpt.load(MetisHomeForConditionalGeneration)
+    else:
+        model = upcycle(dense, thinking_expert=0, system_prompt=world.SYSTEM_PROMPT)
+        del dense
+    print(f"Metis-HOME model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    # two minutes for calibration and the final val, then the router stage
+    budget = total * (1 - args.stage1_share) - 120 - args.router_minutes * 60
+    stage2(args, model, enc, val, ckpt, resume, report, budget)
+    save(args, out, model, tok, image_processor, report, t0)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,8 @@ def check_padding(model, enc: Encoder) -> float:
     with torch.no_grad():
         b = collate(examples, pad, image_id)
         batched = lm_loss(model(**inputs(b)).logits, b["labels"], per_sample=True)
-        alone = [lm_loss(model(**inputs(s)).logits, s["labels"]) for s in (collate([e], pad, image_id) for e in examples)]
+        singles = (collate([e], pad, image_id) for e in examples)
+        alone = [lm_loss(model(**inputs(s)).logits, s["labels"]) for s in singles]
     model.train()
     return (batched - torch.stack(alone)).abs().max().item()
 

@@ -12,6 +12,7 @@ seed ranges, so the test split is held out.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
@@ -73,100 +74,166 @@ def _check(cells: Cells, label: str, hit) -> str:
     return f"{label}? " + ", ".join("yes" if c and hit(c) else "no" for c in cells) + "."
 
 
-def _question(rng: random.Random, qtype: str, cells: Cells, pool: str, params: dict) -> tuple[str, str, str] | None:
-    """Returns (question, chain tail, answer), or None if this scene cannot support the qtype
-    unambiguously (the caller then draws another scene). `params` receives what was asked about."""
-    items = [c for c in cells if c]
-    shapes = [s for _, s in items]
-    colours = [c for c, _ in items]
+@dataclass(frozen=True)
+class _Draw:
+    """What a question type reads: the scene, the scene's generator (the sample's own, so that
+    drawing stays one sequence per seed) and `ask`, which words the question from the pool and
+    records its slots in `params`."""
+
+    rng: random.Random
+    cells: Cells
+    ask: Callable[..., str]
+    params: dict
+
+    @property
+    def items(self) -> list[Item]:
+        return [c for c in self.cells if c]
+
+    @property
+    def shapes(self) -> list[str]:
+        return [s for _, s in self.items]
+
+    @property
+    def colours(self) -> list[str]:
+        return [c for c, _ in self.items]
+
+
+Drawn = tuple[str, str, str] | None  # (question, chain tail, answer), None: the scene cannot support it
+
+
+def _count_shape(d: _Draw) -> Drawn:
+    s = d.rng.choice(SHAPES)
+    n = d.shapes.count(s)
+    return d.ask(p=PLURAL[s]), f"{_check(d.cells, s, lambda c: c[1] == s)} count {n}.", str(n)
+
+
+def _count_all(d: _Draw) -> Drawn:
+    n = len(d.items)
+    return d.ask(), f"{_check(d.cells, 'shape', lambda c: True)} count {n}.", str(n)
+
+
+def _colour(d: _Draw) -> Drawn:
+    unique = [s for s in SHAPES if d.shapes.count(s) == 1]
+    if not unique:
+        return None
+    s = d.rng.choice(unique)
+    c = d.colours[d.shapes.index(s)]
+    return d.ask(s=s), f"{_check(d.cells, s, lambda i: i[1] == s)} count 1. colour {c}.", c
+
+
+def _shape(d: _Draw) -> Drawn:
+    unique = [c for c in COLOURS if d.colours.count(c) == 1]
+    if not unique:
+        return None
+    c = d.rng.choice(unique)
+    s = d.shapes[d.colours.index(c)]
+    return d.ask(c=c), f"{_check(d.cells, c, lambda i: i[0] == c)} count 1. shape {s}.", s
+
+
+def _cell(d: _Draw) -> Drawn:
+    cell = d.params["cell"] = d.rng.randrange(4)
+    item = d.cells[cell]
+    where = f"{POSITION_NAMES[cell]}: {_name(item) if item else 'none'}."
+    return d.ask(pos=phrasing.pick_position(d.rng, cell)), where, _name(item) if item else "nothing"
+
+
+def _colour_at(d: _Draw) -> Drawn:
+    cell = d.params["cell"] = d.rng.randrange(4)
+    item = d.cells[cell]
+    if item is None:
+        return None
+    where = f"{POSITION_NAMES[cell]}: {_name(item)}."
+    return d.ask(pos=phrasing.pick_position(d.rng, cell)), f"{where} colour {item[0]}.", item[0]
+
+
+def _present(d: _Draw) -> Drawn:
+    s = d.rng.choice(SHAPES)
+    n = d.shapes.count(s)
+    return d.ask(s=s, p=PLURAL[s]), f"{_check(d.cells, s, lambda i: i[1] == s)} count {n}.", "yes" if n else "no"
+
+
+def _count_diff(d: _Draw) -> Drawn:
+    a, b = d.rng.sample(SHAPES, 2)
+    if d.shapes.count(a) < d.shapes.count(b):
+        a, b = b, a  # "how many more a than b" stays sensible; "difference" reads either way
+    na, nb = d.shapes.count(a), d.shapes.count(b)
+    if na == 0:
+        return None
+    tail = f"{PLURAL[a]} {na}, {PLURAL[b]} {nb}. {na} - {nb} = {na - nb}."
+    return d.ask(a=PLURAL[a], b=PLURAL[b]), tail, str(na - nb)
+
+
+def _total_sides(d: _Draw) -> Drawn:
+    sides = [SIDES[s] for s in d.shapes]
+    return d.ask(), f"sides {' + '.join(map(str, sides))} = {sum(sides)}.", str(sum(sides))
+
+
+def _more_colour(d: _Draw) -> Drawn:
+    a, b = d.rng.sample(list(COLOURS), 2)
+    na, nb = d.colours.count(a), d.colours.count(b)
+    if na == nb:
+        return None
+    winner = a if na > nb else b
+    tail = f"{a} {na}, {b} {nb}. {na} {'>' if na > nb else '<'} {nb}, {winner}."
+    return d.ask(ca=a, cb=b), tail, winner
+
+
+def _remain(d: _Draw) -> Drawn:
+    s = d.rng.choice(SHAPES)
+    n, total = d.shapes.count(s), len(d.items)
+    k = d.params["removed"] = d.rng.choice([k for k in phrasing.REMOVALS if k <= n] or [0])
+    if not k:
+        return None
+    tail = f"shapes {total}, {PLURAL[s]} {n}. remove {k}. {total} - {k} = {total - k}."
+    return d.ask(k=d.rng.choice(phrasing.REMOVALS[k]), p=PLURAL[s], s=s), tail, str(total - k)
+
+
+def _not_colour(d: _Draw) -> Drawn:
+    c = d.rng.choice(list(COLOURS))
+    n, total = d.colours.count(c), len(d.items)
+    return d.ask(c=c), f"shapes {total}, {c} {n}. {total} - {n} = {total - n}.", str(total - n)
+
+
+def _kind_sides(d: _Draw) -> Drawn:
+    s = d.rng.choice(("square", "triangle"))
+    n = d.shapes.count(s)
+    if not n:
+        return None
+    return d.ask(p=PLURAL[s], s=s), f"{PLURAL[s]} {n}. {n} x {SIDES[s]} = {n * SIDES[s]}.", str(n * SIDES[s])
+
+
+def _compare_two(d: _Draw) -> Drawn:
+    c, s = d.rng.choice(list(COLOURS)), d.rng.choice(SHAPES)
+    nc, ns = d.colours.count(c), d.shapes.count(s)
+    if nc == ns:
+        return None
+    winner = c if nc > ns else PLURAL[s]
+    tail = f"{c} {nc}, {PLURAL[s]} {ns}. {nc} {'>' if nc > ns else '<'} {ns}, {winner}."
+    return d.ask(c=c, p=PLURAL[s]), tail, winner
+
+
+QUESTIONS: dict[str, Callable[[_Draw], Drawn]] = {
+    "count_shape": _count_shape, "count_all": _count_all, "colour": _colour, "shape": _shape, "cell": _cell,
+    "present": _present, "colour_at": _colour_at,
+    "count_diff": _count_diff, "total_sides": _total_sides, "more_colour": _more_colour, "remain": _remain,
+    "not_colour": _not_colour, "kind_sides": _kind_sides, "compare_two": _compare_two,
+}
+
+
+def _question(rng: random.Random, qtype: str, cells: Cells, pool: str) -> tuple[str, str, str, dict] | None:
+    """Returns (question, chain tail, answer, what was asked about), or None if this scene cannot
+    support the qtype unambiguously (the caller then draws another scene)."""
+    if qtype not in QUESTIONS:
+        raise ValueError(f"unknown qtype {qtype!r}")
     wording_rng = random.Random(rng.getrandbits(64))  # the scene never depends on the wording pool
+    params: dict = {}
 
     def ask(**slots: str) -> str:
         params.update(slots)
         return phrasing.phrase(wording_rng, qtype, pool, **slots)
 
-    if qtype == "count_shape":
-        s = rng.choice(SHAPES)
-        n = shapes.count(s)
-        return ask(p=PLURAL[s]), f"{_check(cells, s, lambda c: c[1] == s)} count {n}.", str(n)
-    if qtype == "count_all":
-        return ask(), f"{_check(cells, 'shape', lambda c: True)} count {len(items)}.", str(len(items))
-    if qtype == "colour":
-        unique = [s for s in SHAPES if shapes.count(s) == 1]
-        if not unique:
-            return None
-        s = rng.choice(unique)
-        c = colours[shapes.index(s)]
-        return ask(s=s), f"{_check(cells, s, lambda i: i[1] == s)} count 1. colour {c}.", c
-    if qtype == "shape":
-        unique = [c for c in COLOURS if colours.count(c) == 1]
-        if not unique:
-            return None
-        c = rng.choice(unique)
-        s = shapes[colours.index(c)]
-        return ask(c=c), f"{_check(cells, c, lambda i: i[0] == c)} count 1. shape {s}.", s
-    if qtype in ("cell", "colour_at"):
-        cell = params["cell"] = rng.randrange(4)
-        item = cells[cell]
-        if qtype == "colour_at" and item is None:
-            return None
-        where = f"{POSITION_NAMES[cell]}: {_name(item) if item else 'none'}."
-        if qtype == "cell":
-            return ask(pos=phrasing.pick_position(rng, cell)), where, _name(item) if item else "nothing"
-        return ask(pos=phrasing.pick_position(rng, cell)), f"{where} colour {item[0]}.", item[0]
-    if qtype == "present":
-        s = rng.choice(SHAPES)
-        n = shapes.count(s)
-        return ask(s=s, p=PLURAL[s]), f"{_check(cells, s, lambda i: i[1] == s)} count {n}.", "yes" if n else "no"
-    if qtype == "count_diff":
-        a, b = rng.sample(SHAPES, 2)
-        if shapes.count(a) < shapes.count(b):
-            a, b = b, a  # "how many more a than b" stays sensible; "difference" reads either way
-        na, nb = shapes.count(a), shapes.count(b)
-        if na == 0:
-            return None
-        tail = f"{PLURAL[a]} {na}, {PLURAL[b]} {nb}. {na} - {nb} = {na - nb}."
-        return ask(a=PLURAL[a], b=PLURAL[b]), tail, str(na - nb)
-    if qtype == "total_sides":
-        sides = [SIDES[s] for s in shapes]
-        return ask(), f"sides {' + '.join(map(str, sides))} = {sum(sides)}.", str(sum(sides))
-    if qtype == "more_colour":
-        a, b = rng.sample(list(COLOURS), 2)
-        na, nb = colours.count(a), colours.count(b)
-        if na == nb:
-            return None
-        winner = a if na > nb else b
-        tail = f"{a} {na}, {b} {nb}. {na} {'>' if na > nb else '<'} {nb}, {winner}."
-        return ask(ca=a, cb=b), tail, winner
-    if qtype == "remain":
-        s = rng.choice(SHAPES)
-        n = shapes.count(s)
-        k = params["removed"] = rng.choice([k for k in phrasing.REMOVALS if k <= n] or [0])
-        if not k:
-            return None
-        tail = f"shapes {len(items)}, {PLURAL[s]} {n}. remove {k}. {len(items)} - {k} = {len(items) - k}."
-        return ask(k=rng.choice(phrasing.REMOVALS[k]), p=PLURAL[s], s=s), tail, str(len(items) - k)
-    if qtype == "not_colour":
-        c = rng.choice(list(COLOURS))
-        n = colours.count(c)
-        tail = f"shapes {len(items)}, {c} {n}. {len(items)} - {n} = {len(items) - n}."
-        return ask(c=c), tail, str(len(items) - n)
-    if qtype == "kind_sides":
-        s = rng.choice(("square", "triangle"))
-        n = shapes.count(s)
-        if not n:
-            return None
-        tail = f"{PLURAL[s]} {n}. {n} x {SIDES[s]} = {n * SIDES[s]}."
-        return ask(p=PLURAL[s], s=s), tail, str(n * SIDES[s])
-    if qtype == "compare_two":
-        c, s = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        nc, ns = colours.count(c), shapes.count(s)
-        if nc == ns:
-            return None
-        winner = c if nc > ns else PLURAL[s]
-        tail = f"{c} {nc}, {PLURAL[s]} {ns}. {nc} {'>' if nc > ns else '<'} {ns}, {winner}."
-        return ask(c=c, p=PLURAL[s]), tail, winner
-    raise ValueError(f"unknown qtype {qtype!r}")
+    drawn = QUESTIONS[qtype](_Draw(rng, cells, ask, params))
+    return None if drawn is None else (*drawn, params)
 
 
 def _scene(rng: random.Random) -> Cells:
@@ -206,11 +273,11 @@ def sample(seed: int, family: str | None = None, wording: str = "train") -> Samp
     family = family or rng.choice(("direct", "reasoning"))
     qtype = rng.choice(QTYPES[family])
     while True:
-        cells, params = _scene(rng), {}
-        drawn = _question(rng, qtype, cells, wording, params)
+        cells = _scene(rng)
+        drawn = _question(rng, qtype, cells, wording)
         if drawn:
             break
-    question, tail, answer = drawn
+    question, tail, answer, params = drawn
     return Sample(
         image=_render(rng, cells),
         question=question,

@@ -3,7 +3,8 @@
 The `/chat` and `/route` endpoints take their values raw (Gradio's own preprocessing fails on a
 wrong type with an error that names no parameter and reaches the client as `error: null`), so
 everything a client can send is checked here: wrong types, NaN, booleans posing as numbers,
-fractional token counts, unknown modes, malformed messages. No Gradio import: tested directly.
+fractional token counts, unknown modes, malformed messages. Pure functions, tested directly;
+Gradio is imported only for the form's sliders (`slider`), built from the same limits.
 """
 
 from __future__ import annotations
