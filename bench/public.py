@@ -65,12 +65,16 @@ class Api:
         return event, data
 
     def ask(self, name: str, data: list) -> tuple[float, str, object]:
-        """(seconds, last event, its data); a refusal is ("refused", its detail)."""
+        """(seconds, last event, its data); a refusal is ("refused", its detail), a stream the
+        server dropped ("lost", why)."""
         start = time.perf_counter()
-        response = self.post(name, data)
-        if response.status_code != 200:
-            return time.perf_counter() - start, "refused", response.json().get("detail")
-        event, out = self.events(name, response.json()["event_id"])
+        try:
+            response = self.post(name, data)
+            if response.status_code != 200:
+                return time.perf_counter() - start, "refused", response.json().get("detail")
+            event, out = self.events(name, response.json()["event_id"])
+        except httpx.HTTPError as exc:
+            event, out = "lost", f"{type(exc).__name__}: {exc}"
         return time.perf_counter() - start, event, out
 
 
@@ -111,9 +115,9 @@ def flood(url: str, message: dict, requests: int = 400, threads: int = 8) -> dic
                 null_errors=null_errors([*ends, (event, data)]))
 
 
-def stream_during(url: str, message: dict, load: str | None, threads: int = 8) -> tuple[float, int, list]:
+def stream_during(url: str, message: dict, load: str | None, threads: int = 8) -> tuple[float, str, int, list]:
     """A thinking answer's time while `threads` clients call `load` ("route", "info" or None) in
-    a loop; (seconds, calls made meanwhile, the loaders' outcomes)."""
+    a loop; (seconds, its last event, calls made meanwhile, every outcome)."""
     done = threading.Event()
     outcomes: list[tuple[str, object]] = []
 
@@ -136,24 +140,26 @@ def stream_during(url: str, message: dict, load: str | None, threads: int = 8) -
     done.set()
     for t in pool:
         t.join()
-    return seconds, len(outcomes), [*outcomes, (event, data)]
+    return seconds, event, len(outcomes), [*outcomes, (event, data)]
 
 
 def routing_flood(url: str, message: dict, rounds: int) -> dict:
     """Alone, during a routing flood and during a cheap-endpoint flood, alternated `rounds` times."""
     times: dict[str, list[float]] = {"alone": [], "route": [], "info": []}
     calls: dict[str, int] = {"route": 0, "info": 0}
-    outcomes = []
+    outcomes, lost = [], []
     for _ in range(rounds):
         for load in ("alone", "route", "info"):
-            seconds, n, ends = stream_during(url, message, None if load == "alone" else load)
+            seconds, event, n, ends = stream_during(url, message, None if load == "alone" else load)
             times[load].append(seconds)
+            if event != "complete":
+                lost.append(f"{load}: {event} after {seconds:.1f} s ({n} calls meanwhile)")
             if load != "alone":
                 calls[load] += n
             outcomes += ends
     median = {k: round(statistics.median(v), 3) for k, v in times.items()}
     return dict(answer_s=median, answer_s_all={k: [round(x, 3) for x in v] for k, v in times.items()},
-                route_vs_info=round(median["route"] / median["info"], 2), calls=calls,
+                route_vs_info=round(median["route"] / median["info"], 2), calls=calls, unfinished=lost,
                 null_errors=null_errors(outcomes))
 
 

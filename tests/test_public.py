@@ -12,7 +12,7 @@ import pytest
 
 from bench.public import Api
 from metis.ui import build_demo
-from metis.ui.gate import PublicLimits, serve
+from metis.ui.gate import PublicLimits, client_of, serve
 from test_app import free_port
 
 PER_CLIENT = 3
@@ -47,6 +47,20 @@ def cancel(api: Api, demo, event_id: str) -> None:
     """What a closed tab or gradio_client's cancel does: the answer stops at the next step."""
     fn_index = next(fn._id for fn in demo.fns.values() if fn.api_name == "chat")
     api.http.post("/cancel", json={"session_hash": event_id, "fn_index": fn_index, "event_id": event_id})
+
+
+@pytest.mark.parametrize("peer, forwarded, client", [
+    ("127.0.0.1", None, "127.0.0.1"),  # no proxy
+    ("10.16.3.80", "198.51.100.9", "198.51.100.9"),  # behind the Spaces proxy (a private peer)
+    ("10.16.3.80", "6.6.6.6, 198.51.100.9", "198.51.100.9"),  # a caller's own header stays to the left
+    ("8.8.4.4", "198.51.100.9", "8.8.4.4"),  # a public peer is the client: its header is not trusted
+])
+def test_a_client_is_the_address_the_nearest_proxy_saw(peer, forwarded, client):
+    from starlette.requests import Request
+
+    headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
+    request = Request({"type": "http", "client": (peer, 1234), "headers": headers})
+    assert client_of(request) == client
 
 
 def test_only_chat_and_route_are_api_endpoints(app, engine):

@@ -34,7 +34,7 @@ class ModelSlot:
     turn of t seconds, the holder keeps the model for t * (1 - share) / share seconds before the
     next). A lone routing call still goes at the next decode step."""
 
-    def __init__(self, share: float = 0.25, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, share: float = 0.1, clock: Callable[[], float] = time.monotonic):
         if not 0 < share <= 1:
             raise ValueError(f"share must be in (0, 1], got {share}")
         self.share, self._clock = share, clock

@@ -76,7 +76,8 @@ def api_arguments(fn, parameters: list[dict], data: list) -> list:
         raise ValueProblem(f"/{fn.api_name} takes {len(names)} parameters ({', '.join(names)}); the "
                            f"{len(data) - len(names)} value(s) after {names[-1]} have no parameter")
     rest = parameters[len(data):]
-    if missing := [p["parameter_name"] for p in rest if p["parameter_name"] in REQUIRED or not p["parameter_has_default"]]:
+    missing = [p["parameter_name"] for p in rest if p["parameter_name"] in REQUIRED or not p["parameter_has_default"]]
+    if missing:
         raise ValueProblem(f"/{fn.api_name} needs {', '.join(missing)}")
     values = iter([*data, *(copy.deepcopy(p["parameter_default"]) for p in rest)])
     return [None if s else next(values) for s in skip]
