@@ -289,10 +289,30 @@ def test_tab_cancel_while_queued(engine):
     assert run_tab(tab, [], use_sample=True, epochs=2, session="q")[-1][tab.out.status] == "Done."
 
 
-def test_tab_through_gradio_client(engine, tmp_path):
-    """The tab served for real: bad data comes back as a readable message, the sample trains."""
+def page_event(url: str, demo, api_name: str, data: list) -> list:
+    """Run one of the page's own events as the browser does (they are not API endpoints, so
+    gradio_client cannot): join the queue, read the session's messages to the event's end."""
+    import uuid
+
+    import httpx
+
+    fn_index = next(fn._id for fn in demo.fns.values() if fn.api_name == api_name)
+    session = uuid.uuid4().hex
+    with httpx.Client(base_url=url + "gradio_api", timeout=300) as http:
+        http.post("/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": session}).raise_for_status()
+        with http.stream("GET", "/queue/data", params={"session_hash": session}) as stream:
+            for line in stream.iter_lines():
+                message = json.loads(line[5:]) if line.startswith("data:") else {}
+                if message.get("msg") == "process_completed":
+                    return message["output"]["data"]
+    raise AssertionError("the event never completed")
+
+
+def test_tab_served_for_real(engine, tmp_path):
+    """The tab served for real, driven as the page drives it: bad data comes back as a readable
+    message, the sample trains."""
     import gradio as gr
-    from gradio_client import Client, handle_file
+    import httpx
 
     from metis.ui.finetune import build_finetune_tab
 
@@ -300,11 +320,13 @@ def test_tab_through_gradio_client(engine, tmp_path):
         build_finetune_tab(Runner(engine), gr.State(None))
     demo.queue().launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
-        client = Client(demo.local_url, verbose=False)
         bad = write_jsonl(tmp_path / "bad.jsonl", ["{", {"text": "q", "label": "think"}])
-        status, *_ = client.predict([handle_file(str(bad))], False, 2, 0.05, 16, 0.2, 0, 0, 0.5, api_name="/start")
+        with open(bad, "rb") as f:
+            path = httpx.post(demo.local_url + "gradio_api/upload", files={"files": (bad.name, f)}).json()[0]
+        upload = {"path": path, "orig_name": bad.name, "meta": {"_type": "gradio.FileData"}}
+        status, *_ = page_event(demo.local_url, demo, "start", [[upload], False, 2, 0.05, 16, 0.2, 0, 0, 0.5])
         assert "line 1: bad JSON" in status
-        status, *_, download = client.predict([], True, 2, 0.05, 16, 0.2, 0, 0, 0.5, api_name="/start")
-        assert status == "Done." and load_router(download["value"]).keys() == engine.model.router_state_dict().keys()
+        status, *_, download = page_event(demo.local_url, demo, "start", [[], True, 2, 0.05, 16, 0.2, 0, 0, 0.5])
+        assert status == "Done." and load_router(download["value"]["path"]).keys() == engine.model.router_state_dict().keys()
     finally:
         demo.close()
