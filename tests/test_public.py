@@ -9,11 +9,11 @@ is known exactly, and floods are bounded loops that end with the answer they flo
 import threading
 
 import pytest
+from test_app import free_port
 
 from bench.public import Api
 from metis.ui import build_demo
 from metis.ui.gate import PublicLimits, client_of, serve
-from test_app import free_port
 
 PER_CLIENT = 3
 QUESTION = {"text": "How many circles are there?", "files": []}

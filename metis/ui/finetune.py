@@ -92,7 +92,7 @@ class FinetuneOutputs:
     download: gr.DownloadButton
 
     @classmethod
-    def create(cls) -> "FinetuneOutputs":
+    def create(cls) -> FinetuneOutputs:
         return cls(
             status=gr.Markdown(render=False),
             curves=gr.Plot(label="Training curves", render=False),

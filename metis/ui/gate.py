@@ -37,7 +37,7 @@ class PublicLimits:
             raise ValueError(f"limits must be positive, got {self.per_client} per client, queue of {self.queue_size}")
 
     @classmethod
-    def from_env(cls) -> "PublicLimits":
+    def from_env(cls) -> PublicLimits:
         """METIS_CLIENT_REQUESTS, METIS_QUEUE_SIZE and METIS_FINETUNE (0/false/no/off turn it off)."""
         env = os.environ.get
         return cls(int(env("METIS_CLIENT_REQUESTS", cls.per_client)), int(env("METIS_QUEUE_SIZE", cls.queue_size)),
