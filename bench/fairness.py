@@ -17,7 +17,7 @@ import time
 
 from metis.budget import count_tokens
 from metis.prompting import Message, PromptError
-from metis.serving.batch import RowStreamer
+from metis.serving.batch import RunningBatch
 from metis.serving.engine import Engine, GenerationSettings
 from metis.streaming import Done, Routed
 
@@ -96,8 +96,8 @@ def run(engine: Engine, quick: bool) -> dict:
     new_tokens = 96 if quick else 192
     long = longest_prompt(engine)
     steps = GenerationSettings(max_new_tokens=new_tokens)
-    saved = RowStreamer.FLUSH_S
-    RowStreamer.FLUSH_S = 0.0  # every token handed over at once: the gaps are the steps
+    saved = RunningBatch.FLUSH_S
+    RunningBatch.FLUSH_S = 0.0  # every token handed over at once: the gaps are the steps
     try:
         with fixed_length(engine.model, new_tokens):
             calm = _gaps(engine, short, steps, rows=4)
@@ -105,7 +105,7 @@ def run(engine: Engine, quick: bool) -> dict:
                          disturb=lambda: list(engine.stream(long, GenerationSettings(max_new_tokens=4))))
             routed = _gaps(engine, short, steps, rows=4, disturb=lambda: [engine.route(long) for _ in range(3)])
     finally:
-        RowStreamer.FLUSH_S = saved
+        RunningBatch.FLUSH_S = saved
     prefill = statistics.median(timed(lambda: engine.route(long)) for _ in range(3))
     step = statistics.median(calm)
     return dict(

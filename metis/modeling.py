@@ -10,6 +10,7 @@ optional `mlp.shared_expert*`). How the block routes is decided by the per-call 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForImageTextToText
 from transformers.activations import ACT2FN
@@ -92,10 +93,20 @@ class MetisHomeMoeBlock(nn.Module):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
 
+    def _gate(self, x: torch.Tensor, routing: Routing | None) -> torch.Tensor:
+        """Router logits: the model's gate, or for a row with its own router (`Routing.gates`) that
+        row's weights for this layer, moved to the layer's device."""
+        logits = self.gate(x)
+        for row, gates in enumerate(routing.gates if routing is not None and routing.gates else ()):
+            if gates is not None:
+                weight = gates[self.moe_index].to(x.device, x.dtype)
+                logits.select(0, row).copy_(F.linear(x.select(0, row), weight))
+        return logits
+
     def _route_query(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         record = routing.record
         if not record.decided:  # prefill only: decode steps never touch the gate
-            gate_logits = self.gate(x)
+            gate_logits = self._gate(x, routing)
             pooled = masked_mean(gate_logits, routing.prompt_mask)
             record.layer_logits.append(pooled)
             if self.moe_index == 0:
@@ -114,7 +125,7 @@ class MetisHomeMoeBlock(nn.Module):
 
     def _route_tokens(self, x: torch.Tensor, routing: Routing | None) -> torch.Tensor:
         """Qwen2-MoE semantics: every token picks its top-k experts in every layer."""
-        logits = self.gate(x)
+        logits = self._gate(x, routing)
         weights, chosen = logits.float().softmax(-1).topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)

@@ -67,7 +67,8 @@ class Routing:
     Qwen2-MoE's per-token top-k. `labels` (one expert index per sample) forces experts per sample,
     which is how training sends each sample through the expert of its label. `prompt_mask` marks the
     prompt tokens the router pools over; by default every token of the prefill. `rows` gives each
-    row of a served batch its own (mode, threshold), so users who chose differently share a batch.
+    row of a served batch its own (mode, threshold), and `gates` its own router weights, so users
+    who chose differently share a batch.
     """
 
     mode: Mode = "auto"
@@ -77,6 +78,9 @@ class Routing:
     labels: torch.Tensor | None = None
     prompt_mask: torch.Tensor | None = None
     rows: tuple[tuple[str, float], ...] | None = None  # per-row (mode, threshold) of a query-mode batch
+    # per row, a session's router: one [experts, hidden] gate weight per MoE layer, or None for the
+    # model's own gates; so users with different routers share a batch and no gate is swapped
+    gates: list[tuple[torch.Tensor, ...] | None] | None = None
     record: RoutingRecord = field(default_factory=RoutingRecord)
 
     def __post_init__(self):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from metis.prompting import Message, left_pad
-from metis.serving.batch import Row
+from metis.serving.requests import Row, RowEnd
 from metis.serving.engine import Engine, GenerationSettings
 from metis.serving.interface import collect
 from metis.serving.scheduler import BatchLimits, ModelSlot, Scheduler
@@ -137,23 +137,48 @@ def test_per_row_limits_and_thinking_budget(shipped):
         assert (a.reasoning, a.answer, a.stats.tokens) == (b.reasoning, b.answer, b.stats.tokens)
 
 
-def test_requests_that_cannot_share_a_call_get_separate_batches(engine):
+def test_only_per_token_routing_runs_in_a_batch_of_its_own(engine):
+    """Greedy and sampled rows, seeded or not, share the running batch; a seeded row draws from its
+    own generator, so it gets its solo answer in any company. Token mode routes at every step."""
     question = _messages("How many circles?", None)
-    requests = [(question, GenerationSettings(max_new_tokens=3), {}),
-                (question, GenerationSettings(max_new_tokens=3, temperature=0.7, seed=1), {}),
-                (question, GenerationSettings(max_new_tokens=3), {}),
-                (question, GenerationSettings(max_new_tokens=3, temperature=0.7, seed=1), {}),
+    seeded = GenerationSettings(max_new_tokens=6, temperature=0.7, seed=1)
+    alone = collect(engine.stream(question, seeded)).answer
+    requests = [(question, GenerationSettings(max_new_tokens=3), {}), (question, seeded, {}),
+                (question, GenerationSettings(max_new_tokens=3, temperature=0.9), {}), (question, seeded, {}),
                 (question, GenerationSettings(max_new_tokens=3, mode="token"), {})]
     results, sizes = _together(engine, requests)
-    assert sorted(sizes) == [1, 1, 1, 2]  # the greedy pair; each seeded request alone; token mode alone
+    assert sizes == [4, 1]  # the token-mode row waits for the batch to empty
     assert all(isinstance(r[-1], Done) for r in results)
-    assert collect(results[1]).answer == collect(results[3]).answer  # a seed reproduces its answer
+    assert collect(results[1]).answer == collect(results[3]).answer == alone
+
+
+class _Batch:
+    """A stand-in running batch: every row joins, then ends after one step."""
+
+    def __init__(self, joined):
+        self.joined, self.live = joined, []
+        self.key, self.length = None, 0
+
+    def __len__(self):
+        return len(self.live)
+
+    def remaining(self):
+        return 0
+
+    def join(self, rows):
+        self.joined.append([r.prompt_tokens for r in rows])
+        self.live = rows
+
+    def step(self):
+        for row in self.live:
+            row.end(RowEnd("eos"))
+        self.live = []
 
 
 def test_batch_limits_bound_rows_and_padded_tokens():
     slot = ModelSlot()
-    ran = []
-    scheduler = Scheduler(lambda rows: ran.append([r.prompt_tokens for r in rows]), BatchLimits(3, 100), slot)
+    joined = []
+    scheduler = Scheduler(lambda: _Batch(joined), BatchLimits(3, 100), slot)
 
     def row(n):
         return Row({"input_ids": torch.zeros(1, n, dtype=torch.long)}, GenerationSettings())
@@ -162,8 +187,8 @@ def test_batch_limits_bound_rows_and_padded_tokens():
         for n in (10, 20, 10, 10, 60, 10):
             scheduler.submit(row(n))
     assert scheduler.idle(timeout=30)
-    # 3 rows at most; rows x longest prompt <= 100, so the 60-token prompt waits for a batch of one
-    assert ran == [[10, 20, 10], [10, 10], [60]]
+    # 3 rows at most; rows x longest prompt <= 100, so the 60-token prompt joins on its own
+    assert joined == [[10, 20, 10], [10, 10], [60]]
 
 
 def test_routing_runs_between_the_steps_of_a_running_batch(engine):
@@ -230,7 +255,7 @@ def test_failed_batch_reports_to_every_row(engine, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(engine.model, "generate", broken)
+    monkeypatch.setattr(engine.model, "forward", broken)
     question = _messages("How many circles?", None)
     results, sizes = _together(engine, [(question, GenerationSettings(max_new_tokens=3), {})] * 3)
     assert sizes == [3] and all("injected fault" in r[-1].message for r in results)
@@ -253,13 +278,12 @@ def test_app_takes_max_batch_from_its_flag_and_the_other_limits_from_the_environ
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, METIS_MAX_BATCH_TOKENS="999", METIS_BATCH_GATHER_S="0.02", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, METIS_MAX_BATCH_TOKENS="999", HF_HUB_OFFLINE="1")
     code = ("import sys; sys.argv = ['app.py', '--max-batch', '3']; import app, json, dataclasses; "
             "print(json.dumps(dataclasses.asdict(app.engine.batch)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"max_batch": 3, "max_batch_tokens": 999, "gather_s": 0.02,
-                                                                 "max_kv_tokens": None}
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"max_batch": 3, "max_batch_tokens": 999, "max_kv_tokens": None}
 
 
 
@@ -313,12 +337,3 @@ def test_a_routing_call_inside_a_batch_with_a_session_router_sees_the_shipped_ga
     assert engine.scheduler.idle(timeout=30)  # the batch has put the shipped gates back
     after = engine.model.router_state_dict()
     assert all(torch.equal(after[k], shipped[k]) for k in shipped)
-
-
-def test_a_seeded_request_never_shares_its_batch_even_with_seed_zero():
-    ids = {"input_ids": torch.zeros(1, 3, dtype=torch.long)}
-    sampled = [GenerationSettings(temperature=0.7, seed=0), GenerationSettings(temperature=0.7, seed=0)]
-    a, b = (Row(ids, s) for s in sampled)
-    assert a.key() != b.key()
-    unseeded = GenerationSettings(temperature=0.7)
-    assert Row(ids, unseeded).key() == Row(ids, unseeded).key()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from metis.serving.batch import RowBudgets, RowStreamer, ThinkingBudget
+from metis.serving.batch import RunningBatch, ThinkingBudget
 from metis.serving.engine import GenerationSettings
 from metis.prompting import Message, PromptError, strip_reasoning
 from metis.streaming import (
@@ -133,7 +133,7 @@ def test_stream_event_order_and_stats(engine, monkeypatch):
     settings = GenerationSettings(mode="think", max_new_tokens=12)
     runs = []
     for flush_s in (0.0, float("inf")):  # a handoff per token / the first token, then all the rest
-        monkeypatch.setattr(RowStreamer, "FLUSH_S", flush_s)
+        monkeypatch.setattr(RunningBatch, "FLUSH_S", flush_s)
         runs.append(list(engine.stream(_ask(), settings)))
     events = runs[0]
     assert events[:-1] == runs[1][:-1]
@@ -210,13 +210,6 @@ def test_thinking_budget_forces_the_close_tag():
     assert budget.forced([5]) is None
 
 
-def test_row_budgets_force_only_their_own_row():
-    budgets = RowBudgets([ThinkingBudget(budget=1, close_ids=[7]), None], prompt_len=2)
-    scores = budgets(torch.tensor([[0, 1, 5], [1, 1, 5]]), torch.zeros(2, 10))
-    assert scores[0].argmax().item() == 7 and torch.isinf(scores[0]).sum() == 9
-    assert torch.equal(scores[1], torch.zeros(10))
-
-
 def test_thinking_budget_in_stream(engine):
     close = engine.tokenizer.convert_tokens_to_ids("</think>")
     answer = engine.run(_ask(), GenerationSettings(mode="think", max_new_tokens=30, thinking_budget=4))
@@ -229,7 +222,7 @@ def test_generation_error_becomes_failed_event(engine, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(engine.model, "generate", broken)
+    monkeypatch.setattr(engine.model, "forward", broken)
     events = list(engine.stream(_ask(), GenerationSettings(max_new_tokens=5)))
     assert isinstance(events[-1], Failed) and "injected fault" in events[-1].message
     monkeypatch.undo()

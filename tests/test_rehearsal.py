@@ -10,7 +10,7 @@ import torch
 from gradio_client import Client, handle_file
 from PIL import Image
 from safetensors import safe_open
-from transformers import AutoTokenizer, LogitsProcessor
+from transformers import AutoTokenizer
 
 from metis.__main__ import main
 from metis.prompting import Message
@@ -160,34 +160,26 @@ def test_tags_in_pieces_still_split_reasoning_from_answer(rehearsal):
     assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == "There are \\boxed{3} shapes."
 
 
-class Script(LogitsProcessor):
-    """Makes the random model write given token ids (from the prompt's end on), then lets it go."""
-
-    def __init__(self, ids, prompt_len):
-        self.ids, self.prompt_len = ids, prompt_len
-
-    def __call__(self, input_ids, scores):
-        step = input_ids.shape[1] - self.prompt_len
-        if step >= len(self.ids):
-            return scores
-        forced = torch.full_like(scores, float("-inf"))
-        forced[:, self.ids[step]] = 0.0
-        return forced
-
-
 @pytest.fixture
 def scripted(rehearsal, monkeypatch):
-    """The engine's own generate call, with a Script added to its logits processors."""
-    original = rehearsal.model.generate
+    """The model's logits replaced by a script for one answer (the prefill, then each step), so
+    the engine's own decode loop streams and stops on what the script says."""
+    forward = rehearsal.model.forward
 
     def use(text):
         ids = rehearsal.tokenizer(text, add_special_tokens=False)["input_ids"]
+        steps = []
 
-        def generate(**kwargs):
-            kwargs["logits_processor"].append(Script(ids, kwargs["input_ids"].shape[1]))
-            return original(**kwargs)
+        def scripted(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            if kwargs.get("use_cache") and len(steps) < len(ids):  # a routing call keeps its own logits
+                logits = torch.full_like(out.logits, float("-inf"))
+                logits[..., ids[len(steps)]] = 0.0
+                out.logits = logits
+                steps.append(ids[len(steps)])
+            return out
 
-        monkeypatch.setattr(rehearsal.model, "generate", generate)
+        monkeypatch.setattr(rehearsal.model, "forward", scripted)
         return ids
 
     return use

@@ -62,7 +62,7 @@ def test_readme_tier_table_is_the_tools_output(published):
 
 def test_zerogpu_duration_follows_tokens_and_rate(published, monkeypatch):
     rate = decode_tokens_per_s(published)
-    assert 20 < rate < 60  # an eighth of an H200's bandwidth over 8.3B active bf16 parameters
+    assert 10 < rate < 30  # an eighth of the bandwidth of a ZeroGPU slice (70 of an H200's 141 GB) over 8.3B bf16
     short, longer = gpu_seconds(256, rate), gpu_seconds(1024, rate)
     assert short < longer and longer - short == pytest.approx(1.25 * 768 / rate, abs=1)
     assert gpu_seconds(16384, rate) == 300  # ZeroGPU's cap

@@ -8,8 +8,6 @@ state (Qwen2.5-VL's rope offsets, the loaded gates) is only touched by whoever h
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import LogitsProcessorList, StoppingCriteriaList, StopStringCriteria
+from transformers import StopStringCriteria
 
 from ..budget import RequestLimits, fit, prompt_limit
 from ..explain import explain
@@ -25,7 +23,7 @@ from ..finetune.data import Example
 from ..finetune.export import check_router
 from ..finetune.features import Features, feature_steps
 from ..loading import LoadedModel, zero_gpu
-from ..prompting import Message, PromptBuilder, left_pad
+from ..prompting import Message, PromptBuilder
 from ..routing import RoutingTrace
 from ..sizing import RUNTIME_RESERVE_GIB, decode_tokens_per_s
 from ..streaming import (
@@ -41,20 +39,10 @@ from ..streaming import (
     Progress,
     Routed,
 )
-from .batch import (
-    Prefilled,
-    Replay,
-    Row,
-    RowBudgets,
-    RowEnd,
-    RowStops,
-    RowStreamer,
-    StopRules,
-    ThinkingBudget,
-    generate_arguments,
-)
-from .interface import Answer, GenerationSettings, ModelDescription, collect
-from .scheduler import BatchLimits, ModelSlot, Scheduler
+from .batch import RunningBatch, StopRules, ThinkingBudget
+from .interface import Answer, ModelDescription, collect
+from .requests import BatchLimits, GenerationSettings, Prefilled, Row, RowEnd
+from .scheduler import ModelSlot, Scheduler
 from .tuning import RouterProbe, save_checkpoint
 
 
@@ -84,16 +72,16 @@ class Engine:
         self.close_ids = tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]
         self.limits = RequestLimits.from_env()  # prompt tokens and seconds per request (metis/budget.py)
         self.stops = StopRules(self.eos_ids, answer_close if one_token else [],
-                               None if one_token else StopStringCriteria(tokenizer, [ANSWER_CLOSE]))
+                               None if one_token else StopStringCriteria(tokenizer, [ANSWER_CLOSE]),
+                               stop_tail=len(answer_close) + 2)
         self.batch = kv_token_budget(model, batch or BatchLimits.from_env())
         self.slot = ModelSlot()
-        self.scheduler = Scheduler(self._run_batch, self.batch, self.slot)
-        self.shipped_router = {k: v.clone() for k, v in model.router_state_dict().items()}
-        self._gates_of = None  # the session router whose gates are loaded; None: the shipped ones
+        self.scheduler = Scheduler(self._new_batch, self.batch, self.slot)
+        self.gate_names = list(model.router_state_dict())  # one per MoE layer, in layer order
 
     @property
     def concurrency(self) -> int:
-        """Answers in flight: one batch; later ones wait in the app's queue. On ZeroGPU one: each
+        """Answers in flight: the running batch; later ones wait in the app's queue. On ZeroGPU one: each
         call is its own GPU reservation in its own worker, which moves the weights in, so calls
         never meet in a batch and parallel ones only multiply the reservations."""
         return 1 if zero_gpu() else self.batch.max_batch
@@ -131,14 +119,9 @@ class Engine:
         settings = GenerationSettings(mode=mode, threshold=threshold)
         messages, _ = self._within_limits(messages)
         inputs = self._on_device(self.prompts.build(messages))
-        routing = self._routing(inputs, [settings])
-        language = self.model.model
-        with self.slot.hold(), self._gates(router), torch.inference_mode():
-            offsets = language.rope_deltas  # a paused batch's; this prefill would overwrite them
-            try:
-                self.model(**inputs, routing=routing, use_cache=False, logits_to_keep=1)
-            finally:
-                language.rope_deltas = offsets
+        routing = self._routing(inputs["attention_mask"].bool(), [settings], [self._gate_stack(router)])
+        with self.slot.hold(), torch.inference_mode():
+            self.model(**inputs, routing=routing, use_cache=False, logits_to_keep=1)
         return self._explained(Prefilled(routing, 0, inputs["input_ids"]), inputs)
 
     # -- streaming ------------------------------------------------------------------------------
@@ -153,7 +136,7 @@ class Engine:
         settings = settings or GenerationSettings()
         start = time.perf_counter()
         messages, note = self._within_limits(messages)
-        row = Row(self.prompts.build(messages), settings, cancel or threading.Event(), router)
+        row = Row(self.prompts.build(messages), settings, cancel or threading.Event(), self._gate_stack(router))
         self._check_fits(row)
         if note:
             yield Notice(note)
@@ -193,69 +176,30 @@ class Engine:
     def run(self, messages: list[Message], settings: GenerationSettings | None = None, **kwargs) -> Answer:
         return collect(self.stream(messages, settings, **kwargs))
 
-    # -- one batch --------------------------------------------------------------------------------
-    def _run_batch(self, rows: list[Row]) -> None:
-        """The scheduler's worker thread, holding the slot. A batch that runs out of GPU memory is
-        freed and retried in halves, down to one row; each row resumes where its user is
-        (`Row.sent`), so every user gets the answer they would get alone."""
-        now = time.perf_counter()
-        for row in rows:
-            row.deadline = row.deadline or now + self.limits.max_seconds
-        parts = [rows]
-        while parts:
-            part = parts.pop(0)
-            if self._generate(part):
-                continue
-            free_accelerator_memory()
-            left = [r for r in part if not r.ended]
-            if len(left) > 1:
-                parts[:0] = [left[: len(left) // 2], left[len(left) // 2 :]]
-            elif left:
-                left[0].end(RowEnd("out_of_memory"))
+    # -- the running batch (scheduler.py runs it) ---------------------------------------------
+    def _new_batch(self) -> RunningBatch:
+        def budget(settings: GenerationSettings) -> ThinkingBudget | None:
+            if settings.thinking_budget is None:
+                return None
+            return ThinkingBudget(settings.thinking_budget, self.close_ids, IncrementalDecoder(self.tokenizer, self.hidden_ids))
 
-    def _generate(self, rows: list[Row]) -> bool:
-        """One `generate` call for `rows`; False when it ran out of memory (its rows still open)."""
-        batch = left_pad([r.inputs for r in rows], self.tokenizer.pad_token_id)
-        inputs = self._on_device(batch)
-        prompt_len = inputs["input_ids"].shape[1]
-        routing = self._routing(inputs, [r.settings for r in rows])
-        streamer = RowStreamer(rows, lambda: [r.route(Prefilled(routing, i, batch["input_ids"])) for i, r in enumerate(rows)])
-        budgets = [None if r.settings.thinking_budget is None else
-                   ThinkingBudget(r.settings.thinking_budget, self.close_ids, IncrementalDecoder(self.tokenizer, self.hidden_ids))
-                   for r in rows]
-        processors = ([RowBudgets(budgets, prompt_len)] if any(budgets) else []) + (
-            [Replay(rows, prompt_len)] if any(r.sent for r in rows) else [])
-        stops = RowStops(rows, streamer, prompt_len, self.stops, self.slot.pause)
-        error = None
-        try:
-            with self._gates(rows[0].router), torch.inference_mode():
-                if rows[0].settings.seed is not None:
-                    torch.manual_seed(rows[0].settings.seed)
-                self.model.generate(
-                    **inputs, routing=routing, streamer=streamer,
-                    logits_processor=LogitsProcessorList(processors),
-                    stopping_criteria=StoppingCriteriaList([stops]),
-                    **generate_arguments(rows, self.stops, self.tokenizer.pad_token_id),
-                )
-        except torch.OutOfMemoryError:  # leaving this block drops the traceback and its tensors
-            streamer.end()  # what each user got up to the failed step stays theirs
-            return False
-        except BaseException as exc:  # every row still open reports it as a Failed event
-            error = exc.with_traceback(None)
-        streamer.end()
-        for i, end in enumerate(streamer.ends):  # without an error, a row still open reached the token limit
-            streamer.finish(i, "error" if error else end[1] if end else "max_new_tokens", error)
-        return True
+        return RunningBatch(self.model, self.stops, self.tokenizer.pad_token_id, self.limits.max_seconds,
+                            lambda mask, rows: self._routing(mask, [r.settings for r in rows], [r.gates for r in rows]),
+                            budget)
 
     # -- helpers --------------------------------------------------------------------------------
-    def _routing(self, inputs: dict, settings: list[GenerationSettings]):
-        """One routing for a batch: the router pools over each row's own prompt (padding
-        excluded), and each row keeps its mode and threshold."""
+    def _routing(self, prompt_mask: torch.Tensor, settings: list[GenerationSettings], gates: list):
+        """One routing for a prefill: the router pools over each row's own prompt (padding
+        excluded), and each row keeps its mode, threshold and router."""
         default = self.model.config.routing_threshold
         rows = tuple((s.mode, default if s.threshold is None else s.threshold) for s in settings)
         token = settings[0].mode == "token"  # the scheduler never mixes token mode with the others
-        return self.model.new_routing("token" if token else "auto", rows[0][1],
-                                      prompt_mask=inputs["attention_mask"].bool(), rows=None if token else rows)
+        return self.model.new_routing("token" if token else "auto", rows[0][1], prompt_mask=prompt_mask,
+                                      rows=None if token else rows, gates=gates if any(g is not None for g in gates) else None)
+
+    def _gate_stack(self, router: dict | None) -> tuple[torch.Tensor, ...] | None:
+        """A session's router weights (name -> tensor) as one gate per MoE layer, in layer order."""
+        return None if router is None else tuple(router[name] for name in self.gate_names)
 
     def _explained(self, prefilled: Prefilled, inputs: dict) -> RoutingTrace:
         routing, sample = prefilled.routing, prefilled.sample
@@ -283,23 +227,6 @@ class Engine:
     def _on_device(self, tensors: dict) -> dict:
         return {k: v.to(self.model.device) for k, v in tensors.items()}
 
-    @contextlib.contextmanager
-    def _gates(self, router: dict | None):
-        """Inside, the model routes with `router`'s gates (None: the shipped ones). Callers hold
-        the slot; a routing call paused into a batch puts the batch's gates back when done."""
-        previous = self._gates_of
-        if router is not previous:
-            self._load_gates(router)
-        try:
-            yield
-        finally:
-            if router is not previous:
-                self._load_gates(previous)
-
-    def _load_gates(self, router: dict | None) -> None:
-        self.model.load_state_dict(self.shipped_router if router is None else router, strict=False)
-        self._gates_of = router
-
 
 def kv_bytes_per_token(model) -> int:
     """Bytes of keys and values one token adds to the cache, over every decoder layer."""
@@ -317,10 +244,3 @@ def kv_token_budget(model, limits: BatchLimits) -> BatchLimits:
     free = sum(max(0, torch.cuda.mem_get_info(i)[0] - int(RUNTIME_RESERVE_GIB * 2**30)) for i in gpus)
     return replace(limits, max_kv_tokens=max(1, free // kv_bytes_per_token(model)))
 
-
-def free_accelerator_memory() -> None:
-    """After an out-of-memory error: collect what its frames held, and hand the cached blocks
-    back to CUDA so that the retry starts from a clean allocator."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -15,46 +15,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ..prompting import Message
-from ..routing import MODES, RoutingTrace
+from ..routing import RoutingTrace
 from ..streaming import AnswerDelta, Done, Event, Failed, GenerationStats, ReasoningDelta, Routed
+from .requests import MAX_TOKENS, BatchLimits, GenerationSettings
+
+__all__ = ["MAX_TOKENS", "Answer", "Backend", "GenerationSettings", "ModelDescription", "collect"]
 
 if TYPE_CHECKING:
     from ..budget import RequestLimits
     from ..finetune.data import Example
     from ..finetune.features import Features
-    from .scheduler import BatchLimits
-
-MAX_TOKENS = 16384  # the most tokens a user may ask for, as an answer or as a thinking budget
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """What a user may set per request. Out-of-range values are refused, never clamped."""
-
-    mode: str = "auto"
-    threshold: float | None = None  # None: the model's configured threshold
-    max_new_tokens: int = 1024
-    thinking_budget: int | None = None  # close the reasoning after this many tokens
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-
-    LIMITS = {"max_new_tokens": (1, MAX_TOKENS), "temperature": (0.0, 2.0), "top_p": (0.01, 1.0)}
-
-    def __post_init__(self):
-        problems = []
-        if self.mode not in MODES:
-            problems.append(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            problems.append(f"threshold must be within [0, 1], got {self.threshold}")
-        for name, (lo, hi) in self.LIMITS.items():
-            value = getattr(self, name)
-            if not lo <= value <= hi:
-                problems.append(f"{name} must be within [{lo}, {hi}], got {value}")
-        if self.thinking_budget is not None and not 1 <= self.thinking_budget <= MAX_TOKENS:
-            problems.append(f"thinking_budget must be within [1, {MAX_TOKENS}] or empty, got {self.thinking_budget}")
-        if problems:
-            raise ValueError("; ".join(problems))
 
 
 @dataclass

@@ -1,28 +1,30 @@
-"""Who uses the one model when: batches of waiting requests, and routing calls between their steps.
+"""Who uses the one model when: the running batch, who joins it, and routing calls between its steps.
 
-Requests wait in arrival order. When the model is free, the oldest waiting request starts a batch
-and takes with it the later ones that can share its `generate` call (`Row.key`), up to
-`max_batch` rows and `max_batch_tokens` padded prompt tokens (rows x longest prompt), so that one
-long conversation is never padded into everyone's prefill. A request that arrives while a batch
-runs joins the next batch: joining a running batch would need its KV cache and Qwen2.5-VL's
-per-row rope offsets merged mid-generation, which transformers' `generate` does not offer (its
-continuous batching takes text token lists only, without images or our routing).
+Requests wait in arrival order. Between two decode steps, the waiting rows that can share the
+running batch (`Row.key`) join it, oldest first: up to `max_batch` rows in all, `max_batch_tokens`
+padded prompt tokens in one joining prefill (so one long conversation is not padded into
+everyone's prefill), and, where a KV-cache budget is set, only while rows x (cache length +
+longest answer still allowed) fits it. A newcomer's first token therefore comes within a step of
+the running batch, not after its longest answer (batch.py does the joining).
 
-Routing-only calls (`/route`, fine-tuning features: one prefill each) do not wait for a batch to
-finish: the batch hands the model over between two decode steps (`ModelSlot.pause`).
+Routing-only calls (`/route`, fine-tuning features: one prefill each) do not wait for the batch to
+finish: it hands the model over between two decode steps (`ModelSlot.pause`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+import gc
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from .batch import Row, RowEnd
+import torch
+
+from .requests import BatchLimits, Row, RowEnd
+
+__all__ = ["BatchLimits", "ModelSlot", "Scheduler"]
 
 
 class ModelSlot:
@@ -87,56 +89,24 @@ class ModelSlot:
             return len(self._waiting)
 
 
-@dataclass(frozen=True)
-class BatchLimits:
-    """How big a batch may grow; 1 row means one request at a time."""
-
-    max_batch: int = 16
-    max_batch_tokens: int = 16384  # rows x longest prompt of a batch
-    # After a batch, the next one waits this long for more requests unless it is full: the users of
-    # the batch that just ended ask again within milliseconds (BENCHMARKS.md: at 16 users the mean
-    # batch went from 9 to 16 rows). A request that finds the model idle starts at once.
-    gather_s: float = 0.005
-    # KV-cache positions a batch may hold: rows x (longest prompt + longest answer allowed), since
-    # a padded batch keeps every row as long as its longest. None: unbounded (CPU, unless set);
-    # on CUDA the engine sets it from the free memory (Engine.kv_token_budget).
-    max_kv_tokens: int | None = None
-
-    def __post_init__(self):
-        if self.max_batch < 1 or self.max_batch_tokens < 1 or (self.max_kv_tokens is not None and self.max_kv_tokens < 1):
-            raise ValueError(f"batch limits must be positive, got {self.max_batch} rows, {self.max_batch_tokens} tokens, "
-                             f"{self.max_kv_tokens} KV-cache tokens")
-
-    def kv_fits(self, rows: int, length: int) -> bool:
-        """Whether `rows` rows, each `length` positions long, fit the KV-cache budget."""
-        return self.max_kv_tokens is None or rows * length <= self.max_kv_tokens
-
-    @classmethod
-    def from_env(cls) -> "BatchLimits":
-        """METIS_MAX_BATCH, METIS_MAX_BATCH_TOKENS, METIS_BATCH_GATHER_S and METIS_MAX_KV_TOKENS
-        (server settings; `--max-batch` sets the first)."""
-        env = os.environ.get
-        kv = env("METIS_MAX_KV_TOKENS")
-        return cls(int(env("METIS_MAX_BATCH", cls.max_batch)), int(env("METIS_MAX_BATCH_TOKENS", cls.max_batch_tokens)),
-                   float(env("METIS_BATCH_GATHER_S", cls.gather_s)), int(kv) if kv else None)
-
-
 class Scheduler:
-    """Forms batches from waiting rows and runs them one after another with `run_batch`, holding
-    `slot`. A batch is formed when the slot is free, so everyone who arrived meanwhile joins it.
+    """Runs the batch `new_batch()` makes (batch.RunningBatch) while there are rows, holding
+    `slot`: between two steps, waiting rows join and routing calls take their turn. An
+    out-of-memory error sends the batch's rows back to the front of the queue, and until the
+    batch empties at most half as many rows run again, down to one; a row that fails alone ends.
 
     The worker thread exists only while there is work, so an idle engine holds no thread."""
 
-    def __init__(self, run_batch: Callable[[list[Row]], None], limits: BatchLimits, slot: ModelSlot):
-        self.run_batch, self.limits, self.slot = run_batch, limits, slot
+    def __init__(self, new_batch: Callable[[], object], limits: BatchLimits, slot: ModelSlot):
+        self.new_batch, self.limits, self.slot = new_batch, limits, slot
         self._waiting: deque[Row] = deque()
         self._cond = threading.Condition()
         self._working = False
-        self.batches = 0  # batches run so far
-        self._sizes: deque[int] = deque(maxlen=10_000)  # the latest batches' row counts, bounded
+        self.batches = 0  # prefills run so far (each adds the rows that joined together)
+        self._sizes: deque[int] = deque(maxlen=10_000)  # the latest prefills' row counts, bounded
 
     def sizes_since(self, mark: int) -> list[int]:
-        """Row counts of the batches run since `batches` was `mark` (tests and benchmarks)."""
+        """Row counts of the prefills run since `batches` was `mark` (tests and benchmarks)."""
         return list(self._sizes)[max(0, len(self._sizes) - (self.batches - mark)):]
 
     def submit(self, row: Row) -> None:
@@ -159,45 +129,77 @@ class Scheduler:
             return self._cond.wait_for(lambda: not self._working, timeout)
 
     def _work(self) -> None:
-        ran = False
-        while True:
-            if ran:
+        batch, cap = self.new_batch(), self.limits.max_batch
+        with self.slot.hold():
+            while True:
                 with self._cond:
-                    self._cond.wait_for(lambda: len(self._waiting) >= self.limits.max_batch, self.limits.gather_s)
-            with self.slot.hold():
-                with self._cond:
-                    if not self._waiting:
+                    joining = self._take(batch, cap)
+                    if not joining and not len(batch):
                         self._working = False
                         self._cond.notify_all()
                         return
-                    batch = self._take()
-                if not batch:
-                    continue
-                self._sizes.append(len(batch))
-                self.batches += 1
-                ran = True
-                try:
-                    self.run_batch(batch)
-                except BaseException as exc:  # never lose a consumer: every row gets its end
-                    for row in batch:
-                        row.end(RowEnd("error", exc.with_traceback(None)))
+                if joining:
+                    self._sizes.append(len(joining))
+                    self.batches += 1
+                retry = self._run(batch, joining)
+                if retry is not None:
+                    cap = self._requeue(retry)
+                elif not len(batch):
+                    cap = self.limits.max_batch
+                self.slot.pause()
 
-    def _take(self) -> list[Row]:
+    def _run(self, batch, joining: list[Row]) -> list[Row] | None:
+        """One join and/or step; the rows to run again after an out-of-memory error."""
+        try:
+            if joining:
+                batch.join(joining)
+            if len(batch):
+                batch.step()
+        except torch.OutOfMemoryError:  # leaving this block drops its frames and their tensors
+            released = batch.release()
+            return released + [r for r in joining if r not in released]  # those whose prefill failed
+        except BaseException as exc:  # never lose a consumer: every row gets its end
+            for row in joining:
+                row.end(RowEnd("error", exc.with_traceback(None)))
+            batch.fail(exc)
+        return None
+
+    def _requeue(self, rows: list[Row]) -> int:
+        """Back to the front of the queue; the batch then takes at most half of them again."""
+        free_accelerator_memory()
+        rows = [r for r in rows if not r.ended]
+        if len(rows) == 1:
+            rows[0].end(RowEnd("out_of_memory"))
+            return self.limits.max_batch
+        with self._cond:
+            self._waiting.extendleft(reversed(rows))
+        return max(1, len(rows) // 2)
+
+    def _take(self, batch, cap: int) -> list[Row]:
+        """The waiting rows that join `batch` now, oldest first (see the module docstring)."""
         for row in [r for r in self._waiting if r.cancel.is_set()]:  # stopped before it started
             self._waiting.remove(row)
             row.end(RowEnd("cancelled"))
-        if not self._waiting:
-            return []
-        first = self._waiting.popleft()
-        key, batch = first.key(), [first]
-        longest, answer = first.prompt_tokens, first.settings.max_new_tokens
+        key, room = batch.key, min(cap, self.limits.max_batch) - len(batch)
+        length, answer = batch.length, batch.remaining()
+        joining, longest = [], 0
         for row in list(self._waiting):
-            if len(batch) == self.limits.max_batch:
+            if len(joining) == room:
                 break
-            wider, longer = max(longest, row.prompt_tokens), max(answer, row.settings.max_new_tokens)
-            if (row.key() == key and (len(batch) + 1) * wider <= self.limits.max_batch_tokens
-                    and self.limits.kv_fits(len(batch) + 1, wider + longer)):
-                batch.append(row)
-                longest, answer = wider, longer
+            key = key or row.key()
+            wider = max(longest, row.prompt_tokens)
+            total = len(batch) + len(joining) + 1
+            if (row.key() == key and (len(joining) + 1) * wider <= self.limits.max_batch_tokens
+                    and self.limits.kv_fits(total, max(length, wider) + max(answer, row.settings.max_new_tokens))):
+                joining.append(row)
+                longest, answer = wider, max(answer, row.settings.max_new_tokens)
                 self._waiting.remove(row)
-        return batch
+        return joining
+
+
+def free_accelerator_memory() -> None:
+    """After an out-of-memory error: collect what its frames held, and hand the cached blocks
+    back to CUDA so that the retry starts from a clean allocator."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

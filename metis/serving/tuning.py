@@ -43,9 +43,9 @@ class RouterProbe:
         return digest.hexdigest()[:16]
 
     def gates(self) -> dict[str, torch.Tensor]:
-        """The shipped gate weights, on CPU: where training starts. Not the model's loaded ones: a
-        batch may be answering with a session's router at this moment."""
-        return {k: v.cpu().clone() for k, v in self.engine.shipped_router.items()}
+        """The model's gate weights, on CPU: where training starts (sessions' routers travel with
+        their requests and never replace them)."""
+        return {k: v.cpu().clone() for k, v in self.engine.model.router_state_dict().items()}
 
     def pooled(self, examples: list[Example]) -> Iterator[torch.Tensor]:
         """Per example, [MoE layers, hidden] float32 on CPU. The prefill goes through
