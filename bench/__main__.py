@@ -18,7 +18,7 @@ import transformers
 
 from metis.serving.engine import Engine
 
-from . import batching, fairness, gpu, hybrid, memory, remote, routing, scaling, server, streaming
+from . import batching, fairness, gpu, hybrid, join, memory, remote, routing, scaling, server, streaming
 from .common import Row, checkpoint, cpu_only_children, verdict
 
 
@@ -49,6 +49,8 @@ def measure(spec: str | None, quick: bool, save=lambda results: None) -> dict:
     results["streaming_ratio"] = stream["ratio"]
     save(results)
     results["batching"] = batching.run(engine, quick)
+    save(results)
+    results["join"] = join.run(engine, quick)
     save(results)
     results["fairness"] = fairness.run(engine, quick)
     save(results)
@@ -94,7 +96,8 @@ def _fairness_rows(f: dict) -> list[Row]:
 def table(r: dict) -> str:
     """One row per measurement, each section rendering its own (`rows` in its module)."""
     d = r["details"]
-    rows = [*streaming.rows(d["streaming"]), *batching.rows(r["batching"]), *_fairness_rows(r["fairness"]),
+    rows = [*streaming.rows(d["streaming"]), *batching.rows(r["batching"]), *join.rows(r["join"]),
+            *_fairness_rows(r["fairness"]),
             *routing.rows(d["routing"]), *server.rows(d["server"]), *hybrid.rows(r["auto_vs_think"]),
             *scaling.rows(r["scaling"]), *memory.rows(r["memory"]), *gpu.rows(r["gpu"]), *remote.rows(r["remote"])]
     lines = ["| measurement | result | target | |", "|---|---|---|---|"]

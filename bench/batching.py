@@ -4,8 +4,10 @@ Each level sends the same requests (held-out tiny-world questions with their ima
 fixed number of tokens so every level does the same work) from that many client threads, each
 asking its next question as soon as its answer ends, the way chat users do. The clock starts
 once every client's first request is waiting, so N users are really at once from the start; then
-the engine batches whoever is waiting when the model comes free. `identical` compares every
-answer with the one the same request gets alone.
+each new request joins the running batch between two steps. `mean_batch` is the mean number of
+rows per decode step; `session_routers_mean_batch` the same at 16 users when every other one
+chats with a fine-tuned router. `identical` compares every answer with the one the same request
+gets alone.
 """
 
 from __future__ import annotations
@@ -26,8 +28,16 @@ TARGET = 3.0  # speedup_16 on this CPU (issue 12)
 NATURAL_TOKENS = 48  # the load test's max_new_tokens (tests/loadtest.py)
 
 
+def _occupied(engine: Engine, requests: list, clients: int) -> tuple[float, list, float]:
+    """`_serve`, and the mean number of rows per decode step while it ran."""
+    steps, rows = engine.scheduler.steps, engine.scheduler.step_rows
+    seconds, answers = _serve(engine, requests, clients)
+    return seconds, answers, round((engine.scheduler.step_rows - rows) / max(engine.scheduler.steps - steps, 1), 2)
+
+
 def _serve(engine: Engine, requests: list, clients: int) -> tuple[float, list]:
-    """Wall seconds for all requests from `clients` threads, and the answers in request order."""
+    """Wall seconds for all requests (messages, settings[, router]) from `clients` threads, and
+    the answers in request order."""
     todo: queue.SimpleQueue = queue.SimpleQueue()
     for item in enumerate(requests):
         todo.put(item)
@@ -36,10 +46,10 @@ def _serve(engine: Engine, requests: list, clients: int) -> tuple[float, list]:
     def client():
         while True:
             try:
-                i, (messages, settings) = todo.get_nowait()
+                i, (messages, settings, *router) = todo.get_nowait()
             except queue.Empty:
                 return
-            answers[i] = collect(engine.stream(messages, settings))
+            answers[i] = collect(engine.stream(messages, settings, router=router[0] if router else None))
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     start_in_one_batch(engine, threads, clients)
@@ -73,18 +83,20 @@ def run(engine: Engine, quick: bool) -> dict:
         serial = [collect(engine.stream(m, s)) for m, s in requests[:16]]  # also warms up
         rates, identical, batches = {}, True, {}
         for clients in LEVELS:
-            before = engine.scheduler.batches
-            seconds, answers = _serve(engine, requests, clients)
-            sizes = engine.scheduler.sizes_since(before)
+            seconds, answers, batches[clients] = _occupied(engine, requests, clients)
             rates[clients] = round(sum(a.stats.tokens for a in answers) / seconds, 1)
-            batches[clients] = round(sum(sizes) / len(sizes), 2)
             identical &= all((a.reasoning, a.answer) == (b.reasoning, b.answer) for a, b in zip(serial, answers))
+        # half the users chat with a fine-tuned router (the shipped gates re-scaled): they share the batch
+        router = {k: v * 1.01 for k, v in engine.model.router_state_dict().items()}
+        mixed = [(m, s, router if i % 2 else None) for i, (m, s) in enumerate(requests)]
+        session_routers = _occupied(engine, mixed, 16)[2]
     return dict(
         new_tokens=new_tokens,
         requests=len(requests),
         max_batch=engine.batch.max_batch,
         tokens_per_s={str(k): v for k, v in rates.items()},
         mean_batch={str(k): v for k, v in batches.items()},
+        session_routers_mean_batch=session_routers,
         speedup_16=round(rates[16] / rates[1], 2),
         identical=identical,
         target=TARGET,
@@ -100,6 +112,9 @@ def rows(b: dict) -> list[Row]:
          + f" ({' / '.join(str(v) for v in b['mean_batch'].values())}); speedup_16 "
          f"{b['speedup_16']:.2f}, identical {str(b['identical']).lower()}",
          "≥ 3, identical", verdict(b["speedup_16"] >= TARGET and b["identical"])),
+        ("Batching: rows per step at 16 users when 8 use a fine-tuned router / when none do",
+         f"{b['session_routers_mean_batch']:.2f} / {b['mean_batch']['16']:.2f}", "≥ 0.8 x",
+         verdict(b["session_routers_mean_batch"] >= 0.8 * b["mean_batch"]["16"])),
         ("Batching at natural lengths (load test's questions): ms per answer alone / 16 in one batch",
          f"{natural['ms_per_answer_1']:.1f} / {natural['ms_per_answer_16']:.1f}"
          f" (ratio {natural['ratio']:.3f}: the floor under the load test's wall ratio)",

@@ -1,7 +1,7 @@
 """A newcomer's wait beside a running batch: time to first token of a short question that arrives
 while 8 thinking answers of 256 tokens decode, against the same question alone (`ttft_ratio`),
-whether every answer equals its solo one (`identical`), the batch's tokens/s before and while
-the newcomer decodes, and how the wait grows with the running batch (1, 4, 8 rows).
+whether every answer equals its solo one (`identical`), the batch's tokens/s before the newcomer
+arrives and from its arrival to its last token (its prefill included), and how the wait grows with the running batch (1, 4, 8 rows).
 
 Uses only `Engine.stream`, so the same file measures an engine that joins running batches and
 one that does not (a newcomer then waits for the whole batch)."""
@@ -68,9 +68,9 @@ def newcomer_wait(engine: Engine, rows: int, new_tokens: int, after: int) -> dic
     newcomer.thread.join()
     for r in running:
         r.thread.join()
-    first = newcomer.times[0]
+    steady = max(r.times[0] for r in running)  # every running row past its prefill
     return {"ttft_s": newcomer.ttft(), "answers": [collect(r.events) for r in running] + [collect(newcomer.events)],
-            "before_tokens_per_s": _rate(running, joined - 0.5, joined), "during_tokens_per_s": _rate(running, joined, first + 0.5)}
+            "before_tokens_per_s": _rate(running, steady, joined), "during_tokens_per_s": _rate(running, joined, newcomer.times[-1])}
 
 
 def run(engine: Engine, quick: bool) -> dict:

@@ -181,7 +181,9 @@ class MetisHomeDecoderLayer(Qwen2_5_VLDecoderLayer):
     """Qwen2.5-VL decoder layer whose MLP may be an MoE block that needs the call's `Routing`."""
 
     def __init__(self, config: MetisHomeTextConfig, layer_idx: int, moe_index: int | None):
-        nn.Module.__init__(self)  # the parent would build a dense MLP we do not want
+        # Not the parent's __init__, which would build a dense MLP: its other attributes are set
+        # here by hand, a copy of transformers 5.24's; tests/test_model.py compares them with it.
+        nn.Module.__init__(self)
         self.hidden_size = config.hidden_size
         self.self_attn = Qwen2_5_VLAttention(config, layer_idx)
         self.mlp = DenseMLP(config) if moe_index is None else MetisHomeMoeBlock(config, moe_index)
@@ -226,7 +228,9 @@ class MetisHomeTextModel(Qwen2_5_VLTextModel):
     _can_record_outputs = {"hidden_states": MetisHomeDecoderLayer, "attentions": Qwen2_5_VLAttention}
 
     def __init__(self, config: MetisHomeTextConfig):
-        Qwen2_5_VLPreTrainedModel.__init__(self, config)  # skip the parent's dense layers
+        # Not the parent's __init__, which would build dense layers: a copy of its attributes
+        # (transformers 5.24), compared with the parent's by tests/test_model.py
+        Qwen2_5_VLPreTrainedModel.__init__(self, config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
@@ -254,6 +258,8 @@ class MetisHomeModel(Qwen2_5_VLModel):
     config_class = MetisHomeConfig
 
     def __init__(self, config: MetisHomeConfig):
+        # Not the parent's __init__ (it would build the dense text model first): a copy of its
+        # attributes (transformers 5.24), compared with the parent's by tests/test_model.py
         Qwen2_5_VLPreTrainedModel.__init__(self, config)
         self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
         self.language_model = MetisHomeTextModel._from_config(config.text_config)
@@ -270,6 +276,8 @@ class MetisHomeForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     _no_split_modules = ["MetisHomeDecoderLayer", "Qwen2_5_VLVisionBlock"]
 
     def __init__(self, config: MetisHomeConfig):
+        # Not the parent's __init__ (it would build the dense text model first): a copy of its
+        # attributes (transformers 5.24), compared with the parent's by tests/test_model.py
         Qwen2_5_VLPreTrainedModel.__init__(self, config)
         self.model = MetisHomeModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)

@@ -238,3 +238,23 @@ def test_upcycled_checkpoint_saves_and_loads(dense_model, tmp_path):
             again(**inputs, routing=again.new_routing("auto")).logits, dense_model(**inputs).logits
         )
     assert isinstance(again.moe_blocks()[0], MetisHomeMoeBlock)
+
+
+@pytest.mark.parametrize("ours, parent, build", [
+    ("MetisHomeDecoderLayer", "Qwen2_5_VLDecoderLayer", lambda cls, c: cls(c.text_config, 0, *([0] if "Metis" in cls.__name__ else []))),
+    ("MetisHomeTextModel", "Qwen2_5_VLTextModel", lambda cls, c: cls(c.text_config)),
+    ("MetisHomeModel", "Qwen2_5_VLModel", lambda cls, c: cls(c)),
+    ("MetisHomeForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", lambda cls, c: cls(c)),
+])
+def test_classes_that_skip_their_parents_init_set_every_attribute_it_sets(ours, parent, build):
+    """Our model classes build their own layers instead of calling the parent's __init__, so they
+    copy what it sets; an upgrade of transformers that adds an attribute fails here, not at run time."""
+    import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as qwen
+
+    import metis.modeling as metis_modeling
+
+    config = moe_config()
+    mine, theirs = build(getattr(metis_modeling, ours), config), build(getattr(qwen, parent), config)
+    missing = {k for k in vars(theirs) if not k.startswith("_") or k == "_attn_implementation"} - set(vars(mine))
+    assert not missing, f"{ours} lacks {sorted(missing)}, which {parent}.__init__ sets"
+    assert set(theirs._modules) <= set(mine._modules)  # the same submodule names (mlp may differ in kind)

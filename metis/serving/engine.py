@@ -1,9 +1,9 @@
 """The local engine: messages + settings -> routed, streamed answer events, many users on one model.
 
-request -> prompt (prompting.py) -> waits for a batch (scheduler.py) -> one prefill that routes
-every row (modeling.py) -> decode, rows together (batch.py) -> token ids -> text -> parser ->
-events (streaming.py). All per-request state lives in the call and its `Row`; the model's own
-state (Qwen2.5-VL's rope offsets, the loaded gates) is only touched by whoever holds the slot.
+request -> prompt (prompting.py) -> joins the running batch between two steps (scheduler.py) ->
+a prefill that routes it (modeling.py) -> decode beside the other rows (batch.py) -> token ids ->
+text -> parser -> events (streaming.py). All per-request state lives in the call and its `Row`
+(its settings, its router's gates, what its user already has); the model holds none of it.
 """
 
 from __future__ import annotations

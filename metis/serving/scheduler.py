@@ -104,6 +104,7 @@ class Scheduler:
         self._working = False
         self.batches = 0  # prefills run so far (each adds the rows that joined together)
         self._sizes: deque[int] = deque(maxlen=10_000)  # the latest prefills' row counts, bounded
+        self.steps = self.step_rows = 0  # decode steps run, and rows summed over them (occupancy)
 
     def sizes_since(self, mark: int) -> list[int]:
         """Row counts of the prefills run since `batches` was `mark` (tests and benchmarks)."""
@@ -154,6 +155,7 @@ class Scheduler:
             if joining:
                 batch.join(joining)
             if len(batch):
+                self.steps, self.step_rows = self.steps + 1, self.step_rows + len(batch)
                 batch.step()
         except torch.OutOfMemoryError:  # leaving this block drops its frames and their tensors
             released = batch.release()
