@@ -15,6 +15,7 @@ import torch
 
 Mode = Literal["auto", "think", "direct", "token"]
 MODES: tuple[str, ...] = ("auto", "think", "direct", "token")
+QUERY_MODES: tuple[str, ...] = ("auto", "think", "direct")  # one expert per query; `token` routes each token
 
 
 @dataclass(frozen=True)

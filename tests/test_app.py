@@ -12,10 +12,13 @@ from gradio_client.exceptions import AppError
 
 from metis.tiny import world
 from metis.ui import build_demo
-from metis.ui.chat import ChatOutputs, add_turn, respond, stop_answer
-from metis.ui.events import to_messages, user_bubbles
-from metis.ui.runtime import Runner, settings
+from metis.ui.chat import STOPPED_STATS, add_turn, respond, stop_answer
+from metis.ui.compare import compare
+from metis.ui.events import STOPPED_NOTE, to_messages, user_bubbles
+from metis.ui.runtime import Runner
 from metis.ui.session import Session
+from metis.ui.values import settings
+from metis.ui.wiring import KEEP
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,41 +96,77 @@ def test_stop_event_ends_a_long_answer_and_frees_the_engine(engine, long_questio
 def test_chat_handler_streams_into_history_and_records_the_session(engine, long_question):
     text, image, _ = long_question
     state = Session()
-    history, _ = add_turn({"text": text, "files": [image]}, [], state)
-    out = ChatOutputs.create()
-    updates = list(respond(Runner(engine), out, history, "think", 0.5, 0, 8, 0, 1, state, None))
-    chat, stats = updates[-2][out.chatbot], updates[-1][out.stats]  # the last yield only adds the stats and figure
+    history = add_turn({"text": text, "files": [image]}, [], state).chatbot
+    updates = list(respond(Runner(engine), history, "think", 0.5, 0, 8, 0, 1, state, None))
+    chat, stats = updates[-2].chatbot, updates[-1].stats  # the last yield only adds the stats and figure
     assert chat[:1] == history and chat[1]["metadata"]["status"] == "done"
-    assert "thinking" in stats and state.records[0].mode == "think"
+    assert "thinking" in stats and state.records[0].mode == "think" and updates[-1].chatbot is KEEP
     # the router figure came with the first tokens
-    assert any(isinstance(u.get(out.routing_plot), go.Figure) for u in updates)
+    assert any(isinstance(u.routing_plot, go.Figure) for u in updates)
 
 
 def test_chat_handler_shows_bad_settings_and_bad_images_as_messages(engine, tmp_path):
     state = Session()
-    history, _ = add_turn({"text": "hi", "files": []}, [], state)
-    out = ChatOutputs.create()
-    (update,) = respond(Runner(engine), out, history, "auto", 2.0, 0, 8, 0, 1, state, None)
-    shown = update[out.chatbot][-1]
+    history = add_turn({"text": "hi", "files": []}, [], state).chatbot
+    (update,) = respond(Runner(engine), history, "auto", 2.0, 0, 8, 0, 1, state, None)
+    shown = update.chatbot[-1]
     assert shown["metadata"]["title"] == "⚠️ Error" and "threshold" in shown["content"]
     bad = tmp_path / "x.png"
     bad.write_text("no")
-    history, _ = add_turn({"text": "hi", "files": [str(bad)]}, [], state)
-    (update,) = respond(Runner(engine), out, history, "auto", 0.5, 0, 8, 0, 1, state, None)
-    assert "x.png" in update[out.chatbot][-1]["content"]
+    history = add_turn({"text": "hi", "files": [str(bad)]}, [], state).chatbot
+    (update,) = respond(Runner(engine), history, "auto", 0.5, 0, 8, 0, 1, state, None)
+    assert "x.png" in update.chatbot[-1]["content"]
 
 
 def test_stop_handler_stops_only_its_session(engine, long_question):
     text, image, _ = long_question
     mine, other = Session(), Session()
-    history, _ = add_turn({"text": text, "files": [image]}, [], mine)
+    history = add_turn({"text": text, "files": [image]}, [], mine).chatbot
     add_turn({"text": text, "files": [image]}, [], other)
-    out = ChatOutputs.create()
-    updates = respond(Runner(engine), out, history, "think", 0.5, 0, 16384, 0, 1, mine, None)
+    updates = respond(Runner(engine), history, "think", 0.5, 0, 16384, 0, 1, mine, None)
     next(updates)
     stop_answer(mine)
+    *_, answer, last = updates
+    assert last.stats == STOPPED_STATS and not other.cancel.is_set()
+    assert answer.chatbot[-1]["content"].endswith(STOPPED_NOTE)
+
+
+class Broken:
+    """A runner whose model fails in an unexpected way (not a user error)."""
+
+    def answer(self, *args, **kwargs):
+        raise RuntimeError("GPU on fire")
+
+
+def test_compare_handler_answers_with_both_experts_then_the_verdict(engine, long_question):
+    text, image, _ = long_question
+    updates = list(compare(Runner(engine), {"text": text, "files": [image]}, 8, Session(), None))
+    first, last = updates[0], updates[-1]
+    assert first.direct_answer == first.verdict == ""  # the direct expert waits for the thinking one
+    assert "8 tokens" in last.think_stats and "8 tokens" in last.direct_stats
+    assert last.verdict.startswith("The direct expert used")
+
+
+def test_compare_handler_fails_like_the_chat(engine, long_question):
+    """A bad setting and an internal error read as in the chat (runtime.failure_text), never a traceback."""
+    state = Session()
+    (update,) = compare(Runner(engine), {"text": "hi", "files": []}, -3, state, None)
+    assert update.verdict.startswith("⚠️") and "max_new_tokens" in update.verdict and update.think_answer == ""
+    (update,) = compare(Broken(), {"text": "hi", "files": []}, 8, state, None)
+    assert update.verdict == "⚠️ Internal error: RuntimeError: GPU on fire"
+    (update,) = respond(Broken(), add_turn({"text": "hi", "files": []}, [], state).chatbot,
+                        "auto", 0.5, 0, 8, 0, 1, state, None)
+    assert update.chatbot[-1]["content"] == "Internal error: RuntimeError: GPU on fire"
+
+
+def test_compare_handler_stops_with_the_chats_note(engine, long_question):
+    text, image, _ = long_question
+    state = Session()
+    updates = compare(Runner(engine), {"text": text, "files": [image]}, 16384, state, None)
+    next(updates)
+    stop_answer(state)
     *_, last = updates
-    assert last[out.stats].startswith("*Stopped") and not other.cancel.is_set()
+    assert last.think_answer.endswith(STOPPED_NOTE) and last.direct_answer == "" and last.verdict == ""
 
 
 # -- through the API ------------------------------------------------------------------------------

@@ -230,38 +230,36 @@ def test_cli(tmp_path, capsys):
 
 
 def test_tab_handlers(engine, tmp_path):
-    from metis.ui.evaluate import EvaluateTab
-    from metis.ui.session import Session
+    from metis.ui.evaluate import cancel, prepare, start
+    from metis.ui.session import Job
 
-    tab, state = EvaluateTab(Runner(engine)), Session()
-    o = tab.out
+    runner, job = Runner(engine), Job()
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "z", "choices": ["x", "y"]}])
-    tab.prepare(state)
-    (update,) = list(tab.start([str(bad)], None, 0.5, 32, 10, state, None))
-    assert "cannot be used" in update[o.status] and "line 1: answer 'z'" in update[o.status]
+    prepare(job)
+    (update,) = list(start(runner, [str(bad)], None, 0.5, 32, 10, job, None))
+    assert "cannot be used" in update.status and "line 1: answer 'z'" in update.status
     data = small_dataset(tmp_path)
     files = [str(data)] + [str(tmp_path / f"{i}.png") for i in range(4)]
-    tab.prepare(state)
-    for update in tab.start(files, None, 0.5, 32, 10, state, None):
-        if o.download in update:
-            csv_text = open(update[o.download]["value"]).read()  # read it while the run's folder exists
-    assert "4 questions" in update[o.status] and len(update[o.modes]) == 3
-    assert update[o.curve].data and csv_text.startswith("line,question,category,mode,answer")
+    prepare(job)
+    for update in start(runner, files, None, 0.5, 32, 10, job, None):
+        if isinstance(update.download, dict):
+            csv_text = open(update.download["value"]).read()  # read it while the run's folder exists
+    assert "4 questions" in update.status and len(update.modes) == 3
+    assert update.curve.data and csv_text.startswith("line,question,category,mode,answer")
     assert len(csv_text.strip().splitlines()) == 1 + 3 * 4
-    tab.prepare(state)
-    tab.cancel(state)
-    assert list(tab.start([], list(samples.SAMPLES)[0], 0.5, 32, 10, state, None))[-1][o.status] == "Cancelled."
-    (update,) = list(tab.start([], list(samples.SAMPLES)[0], 0.5, 0, 10, state, None))
-    assert "Invalid settings" in update[o.status] and "max_new_tokens" in update[o.status]
+    assert cancel(job).status == "Nothing to cancel."  # the run is over
+    prepare(job)
+    assert cancel(job).status == "Cancelling…"
+    assert list(start(runner, [], list(samples.SAMPLES)[0], 0.5, 32, 10, job, None))[-1].status == "Cancelled."
+    (update,) = list(start(runner, [], list(samples.SAMPLES)[0], 0.5, 0, 10, job, None))
+    assert "Invalid settings" in update.status and "max_new_tokens" in update.status
 
 
 def test_tab_events_are_not_api_endpoints_and_go_with_fine_tuning(engine):
     from metis.ui import build_demo
-    from metis.ui.evaluate import EvaluateTab
 
     def tab_fns(demo):
-        return [f for f in demo.fns.values() if getattr(f.fn, "__self__", None).__class__ is EvaluateTab
-                or getattr(f.fn, "__qualname__", "").startswith("EvaluateTab.")]
+        return [f for f in demo.fns.values() if getattr(f.fn, "__module__", None) == "metis.ui.evaluate"]
 
     found = tab_fns(build_demo(engine))
     assert len(found) == 3 and all(f.api_visibility == "private" for f in found)

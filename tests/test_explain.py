@@ -10,7 +10,7 @@ from metis.__main__ import main
 from metis.explain import strongest
 from metis.prompting import Message
 from metis.tiny import world
-from metis.ui.chat import ChatOutputs, add_turn, respond
+from metis.ui.chat import add_turn, respond
 from metis.ui.explanation import heatmap, question_scores
 from metis.ui.runtime import Runner
 from metis.ui.session import Session
@@ -72,10 +72,9 @@ def test_chat_shows_the_question_coloured_and_the_image_heat_map(engine, tmp_pat
     path = tmp_path / "shapes.png"
     world.sample(4).image.save(path)
     state = Session()
-    history, _ = add_turn({"text": "How many circles?", "files": [str(path)]}, [], state)
-    out = ChatOutputs.create()
-    updates = list(respond(Runner(engine), out, history, "auto", 0.5, 0, 4, 0, 1, state, None))
-    words, picture = next((u[out.why], u[out.why_image]) for u in updates if isinstance(u.get(out.why), list))
+    history = add_turn({"text": "How many circles?", "files": [str(path)]}, [], state).chatbot
+    updates = list(respond(Runner(engine), history, "auto", 0.5, 0, 4, 0, 1, state, None))
+    words, picture = next((u.why, u.why_image) for u in updates if isinstance(u.why, list))
     assert "".join(w for w, _ in words) == "How many circles?"
     assert max(abs(s) for _, s in words) == pytest.approx(1.0)
     assert isinstance(picture, Image.Image) and picture.size == (112, 112)

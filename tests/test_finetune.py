@@ -7,7 +7,6 @@ import tempfile
 import threading
 import zipfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -206,87 +205,88 @@ def test_cli(tiny_checkpoint, tmp_path, capsys):
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["target_threshold"] is not None
 
 
-def run_tab(tab, files, use_sample=False, epochs=3, session="test"):
-    request = SimpleNamespace(session_hash=session)
-    return list(tab.start(files, use_sample, epochs, 0.05, 16, 0.2, 0, 0, 0.5, request=request))
+def run_tab(runner, files, use_sample=False, epochs=3, job=None):
+    from metis.ui.finetune import start
+    from metis.ui.session import Job
+
+    return list(start(runner, files, use_sample, epochs, 0.05, 16, 0.2, 0, 0, 0.5, job or Job()))
 
 
 def test_tab_handlers(engine, tmp_path):
-    from metis.ui.finetune import FinetuneTab
+    from metis.ui.finetune import cancel, start, use_in_chat
+    from metis.ui.session import Job
+    from metis.ui.wiring import KEEP
 
-    tab = FinetuneTab(Runner(engine))
-    o = tab.out
+    runner, job = Runner(engine), Job()
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "q", "label": "perhaps"}])
-    (update,) = run_tab(tab, [str(bad)])
-    status = update[o.status]
+    (update,) = run_tab(runner, [str(bad)])
+    status = update.status
     assert "cannot be used" in status and "line 1: unknown label" in status and "Traceback" not in status
-    for update in tab.start([], True, 3, 0.05, 16, 0.2, 0, 0, 0.5, request=SimpleNamespace(session_hash="test")):
-        download = update.get(o.download)
+    for update in start(runner, [], True, 3, 0.05, 16, 0.2, 0, 0, 0.5, job):
+        download = update.download
         if isinstance(download, dict) and download.get("value"):  # read it while the run's folder exists
             saved = load_router(download["value"]).keys()
-    status, summary, confusion, result, download = (update[c] for c in (o.status, o.summary, o.confusion, o.result,
-                                                                         o.download))
+    status, summary, confusion, result = update.status, update.summary, update.confusion, update.result
     assert status == "Done." and "Validation accuracy" in summary and len(confusion) == 4
     assert saved == result.router.keys() and not Path(download["value"]).exists()  # removed with its run
-    router, message = tab.use_in_chat(result)
-    assert router is result.router and "this browser session" in message
-    assert tab.cancel(SimpleNamespace(session_hash="test")) == "Nothing to cancel."  # the run is over
+    handed = use_in_chat(result)
+    assert handed.router_weights is result.router and "this browser session" in handed.status
+    assert use_in_chat(None).router_weights is KEEP  # nothing trained: the chat's router stays
+    assert cancel(job).status == "Nothing to cancel."  # the run is over
 
 
 def test_tab_removes_the_unpacked_upload(engine, tmp_path, monkeypatch):
-    from metis.ui.finetune import FinetuneTab
-
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "label": "think"} for t in THINK]
                        + [{"text": t, "label": "direct"} for t in DIRECT])
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    tab = FinetuneTab(Runner(engine))
-    assert run_tab(tab, [str(data)], epochs=2)[-1][tab.out.status] == "Done."
+    assert run_tab(Runner(engine), [str(data)], epochs=2)[-1].status == "Done."
     assert not list((tmp_path / "tmp").glob("metis-finetune-*"))
 
 
 def test_tab_failed_run_says_why_and_leaves_the_router(engine, monkeypatch):
     from metis.ui import finetune as tab_module
+    from metis.ui.session import Job
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
     before = {k: v.clone() for k, v in engine.model.router_state_dict().items()}
-    tab = tab_module.FinetuneTab(Runner(engine))
+    job = Job()
     monkeypatch.setattr(tab_module.RouterTrainer, "result", broken)
-    status = run_tab(tab, [], use_sample=True, epochs=2)[-1][tab.out.status]
+    status = run_tab(Runner(engine), [], use_sample=True, epochs=2, job=job)[-1].status
     assert status.startswith("### The run failed") and "RuntimeError: disk full" in status
-    assert "Traceback" not in status and "test" not in tab.cancels
+    assert "Traceback" not in status and job.cancel is None
     assert all(torch.equal(v, before[k]) for k, v in engine.model.router_state_dict().items())
     monkeypatch.undo()
-    assert run_tab(tab, [], use_sample=True, epochs=2)[-1][tab.out.status] == "Done."  # the next run works
+    assert run_tab(Runner(engine), [], use_sample=True, epochs=2, job=job)[-1].status == "Done."  # the next run works
 
 
 def test_tab_cancel(engine):
-    from metis.ui.finetune import FinetuneTab
+    from metis.ui.finetune import cancel, start
+    from metis.ui.session import Job
 
-    tab = FinetuneTab(Runner(engine))
-    request = SimpleNamespace(session_hash="c")
-    run = tab.start([], True, 100, 0.05, 16, 0.2, 0, 0, 0.5, request=request)
+    job = Job()
+    run = start(Runner(engine), [], True, 100, 0.05, 16, 0.2, 0, 0, 0.5, job)
     next(run)  # features under way
-    for status in (update[tab.out.status] for update in run):
+    for status in (update.status for update in run):
         if status.startswith("Epoch 2/"):
-            assert tab.cancel(request) == "Cancelling…"
-    assert status.startswith("Cancelled") and "c" not in tab.cancels
+            assert cancel(job).status == "Cancelling…"
+    assert status.startswith("Cancelled") and job.cancel is None
 
 
 def test_tab_cancel_while_queued(engine):
     """Cancel pressed while the run waits for the slot: it never starts, and the next one does."""
-    from metis.ui.finetune import FinetuneTab
+    from metis.ui.finetune import cancel, enqueue, start
+    from metis.ui.session import Job
 
-    tab = FinetuneTab(Runner(engine))
-    request = SimpleNamespace(session_hash="q")
-    assert "Waiting" in tab.enqueue(request)
-    assert tab.cancel(request) == "Cancelling…"
-    (update,) = tab.start([], True, 3, 0.05, 16, 0.2, 0, 0, 0.5, request=request)
-    assert update[tab.out.status] == "Cancelled before it started." and "q" not in tab.cancels
-    tab.enqueue(request)
-    assert run_tab(tab, [], use_sample=True, epochs=2, session="q")[-1][tab.out.status] == "Done."
+    job = Job()
+    assert "Waiting" in enqueue(job).status
+    assert cancel(job).status == "Cancelling…"
+    (update,) = start(Runner(engine), [], True, 3, 0.05, 16, 0.2, 0, 0, 0.5, job)
+    assert update.status == "Cancelled before it started." and job.cancel is None
+    enqueue(job)
+    assert run_tab(Runner(engine), [], use_sample=True, epochs=2, job=job)[-1].status == "Done."
 
 
 def page_event(url: str, demo, api_name: str, data: list) -> list:
@@ -314,19 +314,22 @@ def test_tab_served_for_real(engine, tmp_path):
     import gradio as gr
     import httpx
 
-    from metis.ui.finetune import build_finetune_tab
+    from metis.ui import finetune
 
     with gr.Blocks() as demo:
-        build_finetune_tab(Runner(engine), gr.State(None))
+        finetune.build(Runner(engine), gr.State(None))
     demo.queue().launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
         bad = write_jsonl(tmp_path / "bad.jsonl", ["{", {"text": "q", "label": "think"}])
         with open(bad, "rb") as f:
             path = httpx.post(demo.local_url + "gradio_api/upload", files={"files": (bad.name, f)}).json()[0]
         upload = {"path": path, "orig_name": bad.name, "meta": {"_type": "gradio.FileData"}}
-        status, *_ = page_event(demo.local_url, demo, "start", [[upload], False, 2, 0.05, 16, 0.2, 0, 0, 0.5])
+        # the last input is the session's Job (gr.State): the server fills it in, as for the page
+        status, *_ = page_event(demo.local_url, demo, "start", [[upload], False, 2, 0.05, 16, 0.2, 0, 0, 0.5, None])
         assert "line 1: bad JSON" in status
-        status, *_, download = page_event(demo.local_url, demo, "start", [[], True, 2, 0.05, 16, 0.2, 0, 0, 0.5])
-        assert status == "Done." and load_router(download["value"]["path"]).keys() == engine.model.router_state_dict().keys()
+        status, *_, download = page_event(demo.local_url, demo, "start",
+                                          [[], True, 2, 0.05, 16, 0.2, 0, 0, 0.5, None])
+        saved = load_router(download["value"]["path"])
+        assert status == "Done." and saved.keys() == engine.model.router_state_dict().keys()
     finally:
         demo.close()

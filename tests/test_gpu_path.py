@@ -110,12 +110,12 @@ def test_every_model_call_of_the_app_is_wrapped_for_the_gpu(engine, monkeypatch)
 
 def test_finetune_tab_extracts_features_through_the_gpu_gateway(engine, monkeypatch):
     spaces = _fake_spaces(monkeypatch)
-    from metis.ui.finetune import FinetuneTab
+    from metis.ui.finetune import start
     from metis.ui.runtime import Runner
+    from metis.ui.session import Job
 
-    tab = FinetuneTab(Runner(engine))
-    run = tab.start([], True, 2, 0.05, 16, 0.2, 0, 0, 0.5, request=SimpleNamespace(session_hash="z"))
-    statuses = [update[tab.out.status] for update in run]
+    run = start(Runner(engine), [], True, 2, 0.05, 16, 0.2, 0, 0, 0.5, Job())
+    statuses = [update.status for update in run]
     assert statuses[-1] == "Done.", statuses[-1]
     names = [name for name, _ in spaces.CALLS]
     assert "features" in names and all(seconds > 0 for _, seconds in spaces.CALLS)

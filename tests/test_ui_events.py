@@ -10,8 +10,8 @@ from metis.routing import RoutingTrace
 from metis.streaming import AnswerDelta, Done, Failed, GenerationStats, ReasoningDelta, Routed
 from metis.ui.events import ChatTurn, readable_math, to_messages, user_bubbles
 from metis.ui.plots import history_figure, routing_figure
-from metis.ui.runtime import settings
 from metis.ui.session import Session, stats_markdown
+from metis.ui.values import settings
 
 
 def trace(decision="think", p=0.8, mode="auto"):

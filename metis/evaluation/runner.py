@@ -18,13 +18,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from ..prompting import Message
-from ..routing import MODES as ROUTING_MODES
+from ..routing import QUERY_MODES
 from ..serving.interface import GenerationSettings, collect
 from ..streaming import Event
 from .dataset import Question
 from .matching import is_correct
 
-MODES = tuple(m for m in ROUTING_MODES if m != "token")  # per query; token routing picks no one expert
+MODES = QUERY_MODES  # per query; token routing picks no one expert
 Stream = Callable[[list[Message], GenerationSettings], Iterator[Event]]  # a backend's `stream`, or the UI's
 
 

@@ -96,11 +96,6 @@ class TrainSummary:
     features_cached: bool
     train_seconds: float
 
-    def __getitem__(self, key: str):
-        # TEMPORARY: metis/ui/finetune.py still reads the summary by key (summary_markdown,
-        # confusion_rows, FinetuneTab.start); remove this once it reads attributes (issue 25).
-        return getattr(self, key)
-
 
 @dataclass(frozen=True)
 class TrainResult:

@@ -22,12 +22,12 @@ from tqdm import tqdm
 
 from ..calibration import expected_calibration_error
 from ..prompting import Message
-from ..routing import MODES as ROUTING_MODES
+from ..routing import QUERY_MODES
 from ..serving.engine import Engine, GenerationSettings
 from . import corpus, world
 from .data import picture
 
-MODES = tuple(m for m in ROUTING_MODES if m != "token")  # per query; token routing picks no one expert
+MODES = QUERY_MODES  # per query; token routing picks no one expert
 FAMILIES = ("direct", "reasoning")
 
 

@@ -1,5 +1,7 @@
 """The Gradio app, one module per tab. `build_demo` takes a loaded engine, or the error that
-kept it from loading (the app then starts anyway and says why on every tab)."""
+kept it from loading (the app then starts anyway and says why on every tab). Every tab has one
+shape (wiring.py): module-level handlers that return update records, and a `build` that lays the
+components out and wires them."""
 
 from __future__ import annotations
 
@@ -38,20 +40,19 @@ def build_demo(backend_or_error, finetune: bool = True) -> gr.Blocks:
         if description is not None and description.info.get("notice"):  # a GPU host fell back (loading.load_default)
             gr.Markdown(f"⚠️ {description.info['notice']}", elem_classes="error-banner", elem_id="model-notice")
         session = gr.State(Session())  # each browser session gets its own copy
-        router = gr.State(None)  # per-session router weights; the fine-tuning tab may set them
+        router_weights = gr.State(None)  # this session's router (None: the model's); fine-tuning may set it
         with gr.Tab("Chat"):
-            chat.build(runner, session, router, backend.default_threshold)
+            chat.build(runner, session, router_weights, backend.default_threshold)
         with gr.Tab("Compare experts"):
-            compare.build(runner, session, router)
-        if backend.available:
-            from .evaluate import build_evaluate_tab
-            from .finetune import build_finetune_tab
+            compare.build(runner, session, router_weights)
+        if backend.available and finetune:
+            from . import evaluate
+            from . import finetune as finetune_tab
 
-            if finetune:
-                with gr.Tab("Fine-tune router"):
-                    build_finetune_tab(runner, router)
-                with gr.Tab("Evaluate"):
-                    build_evaluate_tab(runner, router, backend.default_threshold)
+            with gr.Tab("Fine-tune router"):
+                finetune_tab.build(runner, router_weights)
+            with gr.Tab("Evaluate"):
+                evaluate.build(runner, router_weights, backend.default_threshold)
         with gr.Tab("Model"):
             model_tab.build(description, backend.error)
     return demo

@@ -128,16 +128,22 @@ class ChatTurn:
     def thinking(self) -> bool:
         return self._think_start is not None
 
+    def shown_answer(self) -> str:
+        """The answer as shown (math made drawable), with the stopped note if it was stopped:
+        the chat and the compare tab show it alike."""
+        answer = readable_math(self.answer.strip())
+        return f"{answer}\n\n{STOPPED_NOTE}".strip() if self.stopped else answer
+
     def messages(self) -> list[dict]:
-        out = [{"role": "assistant", "content": self.notice, "metadata": {"title": NOTICE_TITLE}}] if self.notice else []
+        out = []
+        if self.notice:
+            out.append({"role": "assistant", "content": self.notice, "metadata": {"title": NOTICE_TITLE}})
         if self._note is not None:
             body = self.reasoning if self.thinking else "The router sent this question to the non-thinking expert."
             if self.thinking and self._note.get("status") == "done" and not self.reasoning.strip():
                 body = "*(the thinking expert wrote no reasoning)*"
             out.append({"role": "assistant", "content": body, "metadata": dict(self._note)})
-        answer = readable_math(self.answer.strip())
-        if self.stopped:
-            answer = f"{answer}\n\n{STOPPED_NOTE}".strip()
+        answer = self.shown_answer()
         if answer:
             out.append({"role": "assistant", "content": answer})
         if self.error:

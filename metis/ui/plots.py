@@ -1,12 +1,18 @@
-"""Plotly figures of the router: this query's gate probabilities against the threshold, and the
-session's decisions so far. Built from traces and records only."""
+"""Plotly figures of every tab: the router's gate probabilities for this query against the
+threshold and the session's decisions so far (chat), a fine-tuning run's curves and threshold
+sweep, and an evaluation's trade-off curve. Built from traces, records and reports only."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
 
 from ..routing import RoutingTrace
 from .session import Record
+
+if TYPE_CHECKING:  # the chat's figures do not need the trainer (torch, accelerate) imported
+    from ..finetune.trainer import EpochMetrics
 
 THINK, DIRECT, MUTED = "#7c3aed", "#0891b2", "#cbd5e1"
 
@@ -109,4 +115,28 @@ def tradeoff_figure(report: dict) -> go.Figure:
     _layout(fig, f"Trade-off: auto at threshold {used['threshold']:.2f} is {used['accuracy']:.1%} correct "
                  f"with {used['mean_tokens']:.1f} tokens")
     fig.update_layout(height=360)
+    return fig
+
+
+def curves_figure(history: list[EpochMetrics]) -> go.Figure:
+    """A fine-tuning run's losses and validation accuracy per epoch."""
+    epochs = [m.epoch for m in history]
+    fig = go.Figure(layout={"template": None})  # see _layout: no template in the page's state
+    fig.add_scatter(x=epochs, y=[m.train_loss for m in history], name="train loss")
+    fig.add_scatter(x=epochs, y=[m.val_loss for m in history], name="validation loss")
+    fig.add_scatter(x=epochs, y=[m.val_accuracy for m in history], name="validation accuracy", yaxis="y2")
+    fig.update_layout(xaxis_title="epoch", yaxis=dict(title="loss"), height=320,
+                      yaxis2=dict(title="accuracy", overlaying="y", side="right", range=[0, 1]),
+                      margin=dict(t=30, b=30), legend=dict(orientation="h"))
+    return fig
+
+
+def sweep_figure(sweep: list[dict]) -> go.Figure:
+    """Validation accuracy and the share sent to thinking at each routing threshold."""
+    fig = go.Figure(layout={"template": None})
+    x = [row["threshold"] for row in sweep]
+    fig.add_scatter(x=x, y=[row["accuracy"] for row in sweep], name="accuracy")
+    fig.add_scatter(x=x, y=[row["think_ratio"] for row in sweep], name="share sent to thinking")
+    fig.update_layout(xaxis_title="routing threshold", yaxis=dict(range=[0, 1]), height=300,
+                      margin=dict(t=30, b=30), legend=dict(orientation="h"))
     return fig

@@ -7,21 +7,22 @@ and the way Stop ends an answer are written once.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 from ..finetune.data import Example
 from ..finetune.features import Features
-from ..serving.interface import GenerationSettings
 from ..loading import zero_gpu
 from ..prompting import Message
 from ..routing import RoutingTrace
+from ..serving.interface import GenerationSettings
 from ..streaming import AnswerDelta, Progress, ReasoningDelta
 from .events import ChatTurn
-from .values import settings  # noqa: F401  (where the tabs and tests take it from)
+
+log = logging.getLogger(__name__)
 
 STREAM_INTERVAL_S = 0.05  # at most ~20 screen updates per second; a fast model makes hundreds of tokens
 
@@ -31,6 +32,15 @@ class ModelUnavailable(RuntimeError):
 
 
 USER_ERRORS = (ValueError, ModelUnavailable)  # bad settings/requests (PromptError is a ValueError)
+
+
+def failure_text(exc: Exception, what: str) -> str:
+    """What a tab shows for a request that failed: a user error's own message; anything else is
+    logged with its traceback (the app keeps serving) and shown as an internal error, by type."""
+    if isinstance(exc, USER_ERRORS):
+        return str(exc)
+    log.error("%s failed", what, exc_info=exc)
+    return f"Internal error: {type(exc).__name__}: {exc}"
 
 
 class UnavailableEngine:

@@ -1,10 +1,12 @@
-"""What one browser session remembers: its routing decisions and answer sizes, and the Event its
-Stop button sets. Lives in `gr.State`, so users never see each other's numbers or stop each
-other's answers."""
+"""What one browser session remembers: its routing decisions and answer sizes, the Event its
+Stop button sets, and its fine-tuning or evaluation run (`Job`). Lives in `gr.State`, so users
+never see each other's numbers or stop each other's answers."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..routing import RoutingTrace
@@ -54,6 +56,38 @@ class Session:
         """Mean length of this session's forced-think answers: what always thinking costs here."""
         forced = [r.tokens for r in self.records if r.mode == "think"]
         return sum(forced) / len(forced) if forced else None
+
+
+class Job:
+    """One browser session's run in a one-run-at-a-time tab (fine-tuning, evaluation), kept in
+    `gr.State`. Queued at click time, ahead of the queue, so Cancel reaches a run that still waits
+    for its slot; a run started without being queued (a direct call) gets its own event."""
+
+    def __init__(self):
+        self.cancel: threading.Event | None = None
+
+    def __deepcopy__(self, memo):
+        return Job()
+
+    def queue(self) -> None:
+        self.cancel = threading.Event()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[threading.Event]:
+        """This run's cancel event for as long as it runs; afterwards there is nothing to cancel."""
+        cancel = self.cancel = self.cancel or threading.Event()
+        try:
+            yield cancel
+        finally:
+            if self.cancel is cancel:  # not a newer run's, queued meanwhile
+                self.cancel = None
+
+    def stop(self) -> bool:
+        """Cancel the queued or running run; False when there is none."""
+        if self.cancel is None:
+            return False
+        self.cancel.set()
+        return True
 
 
 def stats_markdown(trace: RoutingTrace | None, stats: GenerationStats | None, session: Session) -> str:

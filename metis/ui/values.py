@@ -13,10 +13,8 @@ import math
 
 import gradio as gr
 
+from ..routing import MODES, QUERY_MODES
 from ..serving.interface import GenerationSettings
-from ..routing import MODES
-
-PUBLIC_MODES = ("auto", "think", "direct")  # `token` (per-token routing) works but is not advertised
 
 
 class ValueProblem(ValueError):
@@ -49,10 +47,11 @@ def integer(name: str, value, *, optional: bool = False) -> int | None:
 
 
 def mode(value) -> str:
-    """The public modes, or `token` (per-token routing, kept for experiments and the rehearsal of
-    the real checkpoint); the message lists the public ones only."""
+    """The public modes (QUERY_MODES), or `token` (per-token routing, works but is not advertised:
+    kept for experiments and the rehearsal of the real checkpoint); the message lists the public
+    ones only."""
     if not isinstance(value, str) or value.strip().lower() not in MODES:
-        raise ValueProblem(f"mode must be one of {', '.join(PUBLIC_MODES)} (a string), got {value!r}")
+        raise ValueProblem(f"mode must be one of {', '.join(QUERY_MODES)} (a string), got {value!r}")
     return value.strip().lower()
 
 
