@@ -19,7 +19,7 @@ import transformers
 from metis.serving.engine import Engine
 
 from . import batching, fairness, gpu, hybrid, join, memory, remote, routing, scaling, server, streaming
-from .common import Row, checkpoint, cpu_only_children, verdict
+from .common import checkpoint, cpu_only_children
 
 
 def machine() -> dict:
@@ -80,24 +80,11 @@ def measure(spec: str | None, quick: bool, save=lambda results: None) -> dict:
     return results
 
 
-def _fairness_rows(f: dict) -> list[Row]:
-    # here until bench/fairness.py is free to edit (issue 25: each module renders its own rows)
-    return [
-        ("Fairness: a 256 KB conversation refused in; another user's short answer meanwhile / alone",
-         f"{f['refuse_256kb_s'] * 1e3:.0f} ms; {f['short_answer_ratio']:.2f}×", "≤ 1 s; < 2×",
-         verdict(f["refuse_256kb_s"] <= 1 and f["short_answer_ratio"] < 2)),
-        ("Fairness: longest gap between a batch's tokens, calm / longest prompt as chat / as routing calls",
-         " / ".join(f"{v:.0f} ms" for v in f["max_gap_ms"].values())
-         + f" (step {f['decode_step_ms']:.1f} ms; one {f['longest_prompt_tokens']}-token "
-         f"prefill {f['longest_prefill_ms']:.0f} ms)", "≤ one prefill", ""),
-    ]
-
-
 def table(r: dict) -> str:
     """One row per measurement, each section rendering its own (`rows` in its module)."""
     d = r["details"]
     rows = [*streaming.rows(d["streaming"]), *batching.rows(r["batching"]), *join.rows(r["join"]),
-            *_fairness_rows(r["fairness"]),
+            *fairness.rows(r["fairness"]),
             *routing.rows(d["routing"]), *server.rows(d["server"]), *hybrid.rows(r["auto_vs_think"]),
             *scaling.rows(r["scaling"]), *memory.rows(r["memory"]), *gpu.rows(r["gpu"]), *remote.rows(r["remote"])]
     lines = ["| measurement | result | target | |", "|---|---|---|---|"]

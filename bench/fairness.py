@@ -21,14 +21,15 @@ from metis.serving.batch import RunningBatch
 from metis.serving.engine import Engine, GenerationSettings
 from metis.streaming import Done, Routed
 
-from .common import fixed_length, sample_messages, start_in_one_batch, timed
+from .common import Row, fixed_length, sample_messages, start_in_one_batch, timed, verdict
 
 
 def long_conversation(turns: int = 16, chars: int = 8000) -> list[Message]:
     """16 turns of 8,000 characters: the 256 KB request that once held the model for 78 s."""
     out = []
     for i in range(turns):
-        out += [Message("user", (f"question {i} " + "words " * (chars // 6))[:chars]), Message("assistant", "ok " * 400)]
+        question = (f"question {i} " + "words " * (chars // 6))[:chars]
+        out += [Message("user", question), Message("assistant", "ok " * 400)]
     return out + [Message("user", "and now?")]
 
 
@@ -119,3 +120,14 @@ def run(engine: Engine, quick: bool) -> dict:
                         long_routing_calls=round(max(routed) * 1e3, 1)),
     )
 
+
+def rows(f: dict) -> list[Row]:
+    return [
+        ("Fairness: a 256 KB conversation refused in; another user's short answer meanwhile / alone",
+         f"{f['refuse_256kb_s'] * 1e3:.0f} ms; {f['short_answer_ratio']:.2f}×", "≤ 1 s; < 2×",
+         verdict(f["refuse_256kb_s"] <= 1 and f["short_answer_ratio"] < 2)),
+        ("Fairness: longest gap between a batch's tokens, calm / longest prompt as chat / as routing calls",
+         " / ".join(f"{v:.0f} ms" for v in f["max_gap_ms"].values())
+         + f" (step {f['decode_step_ms']:.1f} ms; one {f['longest_prompt_tokens']}-token "
+         f"prefill {f['longest_prefill_ms']:.0f} ms)", "≤ one prefill", ""),
+    ]

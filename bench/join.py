@@ -1,7 +1,8 @@
 """A newcomer's wait beside a running batch: time to first token of a short question that arrives
 while 8 thinking answers of 256 tokens decode, against the same question alone (`ttft_ratio`),
 whether every answer equals its solo one (`identical`), the batch's tokens/s before the newcomer
-arrives and from its arrival to its last token (its prefill included), and how the wait grows with the running batch (1, 4, 8 rows).
+arrives and from its arrival to its last token (its prefill included), and how the wait grows
+with the running batch (1, 4, 8 rows).
 
 Uses only `Engine.stream`, so the same file measures an engine that joins running batches and
 one that does not (a newcomer then waits for the whole batch)."""
@@ -70,14 +71,16 @@ def newcomer_wait(engine: Engine, rows: int, new_tokens: int, after: int) -> dic
         r.thread.join()
     steady = max(r.times[0] for r in running)  # every running row past its prefill
     return {"ttft_s": newcomer.ttft(), "answers": [collect(r.events) for r in running] + [collect(newcomer.events)],
-            "before_tokens_per_s": _rate(running, steady, joined), "during_tokens_per_s": _rate(running, joined, newcomer.times[-1])}
+            "before_tokens_per_s": _rate(running, steady, joined),
+            "during_tokens_per_s": _rate(running, joined, newcomer.times[-1])}
 
 
 def run(engine: Engine, quick: bool) -> dict:
     new_tokens, after = 256, 32
     questions = _questions(9)
     with fixed_length(engine.model, new_tokens):
-        alone = [collect(engine.stream(q, GenerationSettings(mode="think", max_new_tokens=new_tokens))) for q in questions[:8]]
+        long = GenerationSettings(mode="think", max_new_tokens=new_tokens)
+        alone = [collect(engine.stream(q, long)) for q in questions[:8]]
         short = GenerationSettings(mode="direct", max_new_tokens=8)
         solo_ttft = statistics.median(_ttft_alone(engine, questions[8], short) for _ in range(3))
         alone.append(collect(engine.stream(questions[8], short)))

@@ -32,7 +32,6 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from .configuration import MetisHomeConfig, MetisHomeTextConfig
 from .routing import Routing
 
-
 GATE_SUFFIX = "mlp.gate.weight"  # a router gate's parameter name ends so; routers are saved by it
 
 

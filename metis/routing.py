@@ -37,6 +37,11 @@ class RoutingTrace:
         return asdict(self)
 
 
+# A router's weights: every MoE layer's gate by parameter name (`...mlp.gate.weight`), what router
+# fine-tuning makes and a session carries; opaque to the UI, checked by the engine it is used with.
+RouterWeights = dict[str, torch.Tensor]
+
+
 def expert_index(label: str, thinking_expert: int) -> int:
     """The expert that answers a `think` or `direct` question (the other one of two)."""
     return thinking_expert if label == "think" else 1 - thinking_expert
@@ -108,8 +113,8 @@ class Routing:
 
     def p_think(self, sample: int = 0) -> list[float]:
         """Thinking probability of each MoE layer for one sample."""
-        return [float((l[sample].detach().float() / self.temperature).softmax(-1)[self.thinking_expert])
-                for l in self.record.layer_logits]
+        return [float((logits[sample].detach().float() / self.temperature).softmax(-1)[self.thinking_expert])
+                for logits in self.record.layer_logits]
 
     def token_scores(self, sample: int = 0) -> torch.Tensor:
         """Each pooled token's share of the deciding margin, (think - direct) / (N * temperature):

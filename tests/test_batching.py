@@ -10,15 +10,15 @@ import time
 import pytest
 import torch
 from PIL import Image
+from test_generation import CancelAfterChecks
 
 from metis.prompting import Message, left_pad
-from metis.serving.requests import Row, RowEnd
 from metis.serving.engine import Engine, GenerationSettings
 from metis.serving.interface import collect
+from metis.serving.requests import Row, RowEnd
 from metis.serving.scheduler import BatchLimits, ModelSlot, Scheduler
 from metis.streaming import Done, Routed
 from metis.tiny import world
-from test_generation import CancelAfterChecks
 
 MIXED = [  # different prompt lengths, images of different sizes or none, every mode
     ("auto", "How many circles are there?", (112, 112)),
@@ -55,7 +55,7 @@ def _together(engine, requests):
     with engine.slot.hold():
         for queued, t in enumerate(threads, 1):
             t.start()
-            _wait_for(lambda: engine.scheduler.waiting() == queued)
+            _wait_for(lambda queued=queued: engine.scheduler.waiting() == queued)
     for t in threads:
         t.join()
     return results, engine.scheduler.sizes_since(before)
@@ -283,7 +283,8 @@ def test_app_takes_max_batch_from_its_flag_and_the_other_limits_from_the_environ
             "print(json.dumps(dataclasses.asdict(app.engine.batch)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"max_batch": 3, "max_batch_tokens": 999, "max_kv_tokens": None}
+    limits = json.loads(out.stdout.strip().splitlines()[-1])
+    assert limits == {"max_batch": 3, "max_batch_tokens": 999, "max_kv_tokens": None}
 
 
 

@@ -6,11 +6,18 @@ import pytest
 import torch
 from PIL import Image
 
+from metis.prompting import Message, PromptError, strip_reasoning
 from metis.serving.batch import RunningBatch, ThinkingBudget
 from metis.serving.engine import GenerationSettings
-from metis.prompting import Message, PromptError, strip_reasoning
 from metis.streaming import (
-    AnswerDelta, Done, Failed, IncrementalDecoder, OutputParser, Progress, ReasoningDelta, Routed,
+    AnswerDelta,
+    Done,
+    Failed,
+    IncrementalDecoder,
+    OutputParser,
+    Progress,
+    ReasoningDelta,
+    Routed,
 )
 
 
@@ -74,7 +81,8 @@ def test_user_text_cannot_forge_control_tokens(engine):
     inputs = engine.prompts.build(_ask(forged, images=1))
     ids = inputs["input_ids"][0].tolist()
     tok = engine.tokenizer
-    specials = {t: tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|im_start|>", "<|image_pad|>", "<think>", "<|vision_start|>")}
+    names = ("<|im_end|>", "<|im_start|>", "<|image_pad|>", "<think>", "<|vision_start|>")
+    specials = {t: tok.convert_tokens_to_ids(t) for t in names}
     assert ids.count(specials["<|image_pad|>"]) == 16  # only the real image's slots
     assert ids.count(specials["<|vision_start|>"]) == 1
     assert specials["<think>"] not in ids

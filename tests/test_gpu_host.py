@@ -4,20 +4,19 @@ device choices, and what a CUDA host serves when no model is named."""
 
 import pytest
 import torch
+from conftest import moe_config
+from test_batching import MIXED, _messages, _together
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import moe_config
 from metis import loading
 from metis.modeling import DenseMLP, MetisHomeMoeBlock, masked_mean
 from metis.routing import Routing
-from metis.serving.requests import Row
 from metis.serving.engine import GenerationSettings, kv_bytes_per_token
 from metis.serving.interface import collect
+from metis.serving.requests import Row
 from metis.serving.scheduler import BatchLimits
 from metis.streaming import Done, Failed
-from test_batching import MIXED, _messages, _together
-
 
 # -- 1. routing data on another GPU than the layer (accelerate moves hidden states, not Routing) ----
 
@@ -130,7 +129,8 @@ def test_an_answer_that_cannot_fit_even_alone_says_what_to_lower(engine, monkeyp
         assert "ran out of memory" in events[-1].message and "max_new_tokens" in events[-1].message
         assert "OutOfMemoryError" not in events[-1].message
     assert oom.raised == 3  # the pair, then each row alone
-    assert isinstance(list(engine.stream(_messages("Count them.", None), GenerationSettings(max_new_tokens=4)))[-1], Done)
+    after = list(engine.stream(_messages("Count them.", None), GenerationSettings(max_new_tokens=4)))
+    assert isinstance(after[-1], Done)
 
 
 def test_an_error_keeps_no_frames_alive(engine, monkeypatch):

@@ -9,12 +9,12 @@ the batch stands still, and they join at the very next step.
 import threading
 
 import pytest
+from test_batching import MIXED, _messages, _wait_for
 
 from bench.common import fixed_length
 from metis.serving.engine import GenerationSettings
 from metis.serving.interface import collect
 from metis.streaming import Done
-from test_batching import MIXED, _messages, _wait_for
 
 LONG = 48  # tokens of the running answer: it is still running when the newcomers join
 
@@ -58,7 +58,8 @@ def test_newcomers_join_between_steps_and_get_their_solo_answers(engine, shipped
     joiners = [(_messages(text, size), GenerationSettings(mode=mode, max_new_tokens=8 + 4 * i))
                for i, (mode, text, size) in enumerate(MIXED[2:])]
     with fixed_length(engine.model, LONG):  # every answer runs to its own token limit
-        alone = {"first": collect(engine.stream(*first))} | {i: collect(engine.stream(*j)) for i, j in enumerate(joiners)}
+        alone = {"first": collect(engine.stream(*first))}
+        alone |= {i: collect(engine.stream(*j)) for i, j in enumerate(joiners)}
         results, sizes = join_mid_batch(engine, first, joiners)
     assert sizes == [1, len(joiners)]  # the running answer, then the newcomers in one prefill
     for key, solo in alone.items():

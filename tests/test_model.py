@@ -241,7 +241,8 @@ def test_upcycled_checkpoint_saves_and_loads(dense_model, tmp_path):
 
 
 @pytest.mark.parametrize("ours, parent, build", [
-    ("MetisHomeDecoderLayer", "Qwen2_5_VLDecoderLayer", lambda cls, c: cls(c.text_config, 0, *([0] if "Metis" in cls.__name__ else []))),
+    ("MetisHomeDecoderLayer", "Qwen2_5_VLDecoderLayer",
+     lambda cls, c: cls(c.text_config, 0, *([0] if "Metis" in cls.__name__ else []))),
     ("MetisHomeTextModel", "Qwen2_5_VLTextModel", lambda cls, c: cls(c.text_config)),
     ("MetisHomeModel", "Qwen2_5_VLModel", lambda cls, c: cls(c)),
     ("MetisHomeForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", lambda cls, c: cls(c)),

@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..modeling import GATE_SUFFIX, is_gate
+from ..routing import RouterWeights
 
 ROUTER_FILE = "router.safetensors"
 
 
-def save_router(router: dict[str, torch.Tensor], path: str | Path, info: dict | None = None) -> Path:
+def save_router(router: RouterWeights, path: str | Path, info: dict | None = None) -> Path:
     """Write the gates; `info` (e.g. the run's metrics) goes into the file's metadata as JSON."""
     path = Path(path)
     metadata = {"format": "metis-router", "info": json.dumps(info or {}, default=str)}
@@ -35,7 +36,7 @@ def load_router(path: str | Path) -> dict[str, torch.Tensor]:
     return router
 
 
-def check_router(model, router: dict[str, torch.Tensor]) -> None:
+def check_router(model, router: RouterWeights) -> None:
     """Refuse a router made for another model layout (names or shapes differ)."""
     own = model.router_state_dict()
     wrong = sorted(set(router) ^ set(own)) + sorted(
@@ -44,7 +45,7 @@ def check_router(model, router: dict[str, torch.Tensor]) -> None:
         raise ValueError("router does not fit this model: " + ", ".join(wrong[:10]))
 
 
-def apply_router(model, router: dict[str, torch.Tensor]) -> None:
+def apply_router(model, router: RouterWeights) -> None:
     """Load the gates into `model` for good."""
     check_router(model, router)
     model.load_state_dict(router, strict=False)

@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..routing import expert_index
+from ..routing import RouterWeights, expert_index
 from .data import Example, dataset_hash
 
 _MEMORY: dict[str, Features] = {}  # newest last; 7B-model features are ~200 MB per 500 examples
@@ -39,7 +39,7 @@ class Features:
     # the model's routing when these were extracted, where training starts: its gate weights
     # (name -> tensor, on CPU), thinking expert and threshold. Read beside the features, since on
     # ZeroGPU only the GPU process may touch the model
-    router: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    router: RouterWeights = field(default_factory=dict, repr=False)
     thinking_expert: int = 0
     threshold: float = 0.5
 

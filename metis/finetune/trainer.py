@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..loading import zero_gpu
+from ..routing import RouterWeights
 from . import metrics
 from .export import ROUTER_FILE, save_router
 from .features import Features
@@ -99,7 +100,7 @@ class TrainSummary:
 
 @dataclass(frozen=True)
 class TrainResult:
-    router: dict[str, torch.Tensor] = field(repr=False)  # opaque to UIs: hand it to the engine
+    router: RouterWeights = field(repr=False)  # opaque to UIs: hand it to the engine
     settings: TrainSettings
     history: list[EpochMetrics]
     summary: TrainSummary

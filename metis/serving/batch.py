@@ -204,7 +204,8 @@ class RunningBatch:
         floor = self.model.generation_config.min_new_tokens or 0
         if short := [i for i, lv in enumerate(live) if len(lv.generated) < floor]:
             ends = self.rules.eos_ids + self.rules.close_ids
-            logits[torch.tensor(short, device=logits.device).unsqueeze(1), torch.tensor(ends, device=logits.device)] = float("-inf")
+            rows, ends = torch.tensor(short, device=logits.device), torch.tensor(ends, device=logits.device)
+            logits[rows.unsqueeze(1), ends] = float("-inf")
         greedy = logits.argmax(-1).tolist()  # one host read for the batch
         chosen = []
         for lv, scores, best in zip(live, logits, greedy):

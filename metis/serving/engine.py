@@ -24,7 +24,7 @@ from ..finetune.export import check_router
 from ..finetune.features import Features, feature_steps
 from ..loading import LoadedModel, zero_gpu
 from ..prompting import Message, PromptBuilder
-from ..routing import RoutingTrace
+from ..routing import RouterWeights, RoutingTrace
 from ..sizing import RUNTIME_RESERVE_GIB, decode_tokens_per_s
 from ..streaming import (
     ANSWER_CLOSE,
@@ -87,7 +87,7 @@ class Engine:
         return 1 if zero_gpu() else self.batch.max_batch
 
     @classmethod
-    def load(cls, spec: str | None = None, batch: BatchLimits | None = None, **kwargs) -> "Engine":
+    def load(cls, spec: str | None = None, batch: BatchLimits | None = None, **kwargs) -> Engine:
         from ..loading import load, load_default
 
         return cls(load(spec, **kwargs) if spec else load_default(**kwargs), batch=batch)
@@ -105,15 +105,15 @@ class Engine:
     def features(self, examples: list[Example], cache_dir: str | Path | None = None) -> Iterator[int | Features]:
         return feature_steps(RouterProbe(self), examples, cache_dir)
 
-    def check_router(self, router: dict) -> None:
+    def check_router(self, router: RouterWeights) -> None:
         check_router(self.model, router)
 
-    def save_model(self, router: dict, out: str | Path) -> Path:
+    def save_model(self, router: RouterWeights, out: str | Path) -> Path:
         return save_checkpoint(self, router, out)
 
     # -- routing only -------------------------------------------------------------------------
     def route(self, messages: list[Message], mode: str = "auto", threshold: float | None = None,
-              router: dict | None = None) -> RoutingTrace:
+              router: RouterWeights | None = None) -> RoutingTrace:
         """The routing decision of a query: one prefill pass, no token generated. It runs in the
         caller's thread, between two decode steps of a running batch if there is one."""
         settings = GenerationSettings(mode=mode, threshold=threshold)
@@ -126,7 +126,7 @@ class Engine:
 
     # -- streaming ------------------------------------------------------------------------------
     def stream(self, messages: list[Message], settings: GenerationSettings | None = None,
-               cancel: threading.Event | None = None, router: dict | None = None) -> Iterator[Event]:
+               cancel: threading.Event | None = None, router: RouterWeights | None = None) -> Iterator[Event]:
         """Events of one answer. Setting `cancel` (or closing the iterator) ends this answer at
         the next decode step; the other answers in its batch go on unchanged.
 
@@ -181,7 +181,8 @@ class Engine:
         def budget(settings: GenerationSettings) -> ThinkingBudget | None:
             if settings.thinking_budget is None:
                 return None
-            return ThinkingBudget(settings.thinking_budget, self.close_ids, IncrementalDecoder(self.tokenizer, self.hidden_ids))
+            decoder = IncrementalDecoder(self.tokenizer, self.hidden_ids)
+            return ThinkingBudget(settings.thinking_budget, self.close_ids, decoder)
 
         return RunningBatch(self.model, self.stops, self.tokenizer.pad_token_id, self.limits.max_seconds,
                             lambda mask, rows: self._routing(mask, [r.settings for r in rows], [r.gates for r in rows]),
@@ -194,10 +195,11 @@ class Engine:
         default = self.model.config.routing_threshold
         rows = tuple((s.mode, default if s.threshold is None else s.threshold) for s in settings)
         token = settings[0].mode == "token"  # the scheduler never mixes token mode with the others
+        gates = gates if any(g is not None for g in gates) else None
         return self.model.new_routing("token" if token else "auto", rows[0][1], prompt_mask=prompt_mask,
-                                      rows=None if token else rows, gates=gates if any(g is not None for g in gates) else None)
+                                      rows=None if token else rows, gates=gates)
 
-    def _gate_stack(self, router: dict | None) -> tuple[torch.Tensor, ...] | None:
+    def _gate_stack(self, router: RouterWeights | None) -> tuple[torch.Tensor, ...] | None:
         """A session's router weights (name -> tensor) as one gate per MoE layer, in layer order."""
         return None if router is None else tuple(router[name] for name in self.gate_names)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ..prompting import Message
-from ..routing import RoutingTrace
+from ..routing import RouterWeights, RoutingTrace
 from ..streaming import AnswerDelta, Done, Event, Failed, GenerationStats, ReasoningDelta, Routed
 from .requests import MAX_TOKENS, BatchLimits, GenerationSettings
 
@@ -84,10 +84,10 @@ class Backend(Protocol):
     def describe(self) -> ModelDescription | None: ...  # None: nothing loaded
 
     def route(self, messages: list[Message], mode: str = "auto", threshold: float | None = None,
-              router: dict | None = None) -> RoutingTrace: ...
+              router: RouterWeights | None = None) -> RoutingTrace: ...
 
     def stream(self, messages: list[Message], settings: GenerationSettings | None = None,
-               cancel: threading.Event | None = None, router: dict | None = None) -> Iterator[Event]: ...
+               cancel: threading.Event | None = None, router: RouterWeights | None = None) -> Iterator[Event]: ...
 
     def run(self, messages: list[Message], settings: GenerationSettings | None = None, **kwargs) -> Answer: ...
 
@@ -95,6 +95,6 @@ class Backend(Protocol):
         """Router features: examples done (0 first), then the `Features` (finetune/features.py)."""
         ...
 
-    def check_router(self, router: dict) -> None: ...  # ValueError if made for another model layout
+    def check_router(self, router: RouterWeights) -> None: ...  # ValueError if made for another model layout
 
-    def save_model(self, router: dict, out: str | Path) -> Path: ...  # a full checkpoint, router baked in
+    def save_model(self, router: RouterWeights, out: str | Path) -> Path: ...  # a full checkpoint, router baked in

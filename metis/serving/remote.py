@@ -25,10 +25,8 @@ import openai
 from ..export import load_router
 from ..finetune.data import Example
 from ..finetune.features import Features
-from .engine import Engine
-from .interface import Answer, GenerationSettings, ModelDescription, collect
 from ..prompting import Message, strip_reasoning
-from ..routing import RoutingTrace
+from ..routing import RouterWeights, RoutingTrace
 from ..streaming import (
     Done,
     Event,
@@ -39,6 +37,8 @@ from ..streaming import (
     ReasoningDelta,
     Routed,
 )
+from .engine import Engine
+from .interface import Answer, GenerationSettings, ModelDescription, collect
 
 REASONING_FIELDS = ("reasoning_content", "reasoning")  # vLLM renamed the first to the second
 
@@ -97,10 +97,10 @@ class RemoteEngine:
     concurrency = 32  # answers streamed at once: each waits on HTTP only, the pools batch their own
     available, error = True, None
 
-    def __init__(self, router: Engine, think: Endpoint, direct: Endpoint, policy: ClientPolicy | None = None,
+    def __init__(self, local: Engine, think: Endpoint, direct: Endpoint, policy: ClientPolicy | None = None,
                  router_path: str = "router"):
-        self.router = router
-        self.prompts = router.prompts  # the system prompt the router saw goes to the servers too
+        self.local = local  # the router export in this process: routes, never answers
+        self.prompts = local.prompts  # the system prompt the router saw goes to the servers too
         self.endpoints = {"think": think, "direct": direct}
         self.policy = policy or ClientPolicy()
         self.clients = {
@@ -115,14 +115,14 @@ class RemoteEngine:
             think_endpoint=self._describe(think),
             direct_endpoint=self._describe(direct),
             routing="once per query by the exported router (first MoE layer's gate), then one server answers",
-            params_router=router.model.num_parameters(),
+            params_router=local.model.num_parameters(),
             timeouts=f"connect {self.policy.connect_s:g} s, between chunks {self.policy.read_s:g} s, "
                      f"{self.policy.retries} retries before streaming",
         )
 
     @classmethod
     def load(cls, router: str, think_url: str, direct_url: str, think_model: str | None = None,
-             direct_model: str | None = None, policy: ClientPolicy | None = None) -> "RemoteEngine":
+             direct_model: str | None = None, policy: ClientPolicy | None = None) -> RemoteEngine:
         if not (router and think_url and direct_url):
             raise ValueError("the remote backend needs all three of --router, --think-url and --direct-url")
         return cls(Engine(load_router(router)), Endpoint(_v1(think_url), think_model),
@@ -131,7 +131,7 @@ class RemoteEngine:
     # -- the serving interface (serving/interface.py) --------------------------------------------
     @property
     def default_threshold(self) -> float:
-        return self.router.default_threshold
+        return self.local.default_threshold
 
     def describe(self) -> ModelDescription:
         """The backend and its servers; attention and limits are the servers' own, unknown here."""
@@ -140,30 +140,30 @@ class RemoteEngine:
     def features(self, examples: list[Example], cache_dir: str | Path | None = None) -> Iterator[int | Features]:
         """The in-process router's features: its gate is the one that decides, so a router trained
         on them routes this backend's queries."""
-        return self.router.features(examples, cache_dir)
+        return self.local.features(examples, cache_dir)
 
-    def check_router(self, router: dict) -> None:
-        self.router.check_router(router)
+    def check_router(self, router: RouterWeights) -> None:
+        self.local.check_router(router)
 
-    def save_model(self, router: dict, out: str | Path) -> Path:
+    def save_model(self, router: RouterWeights, out: str | Path) -> Path:
         raise NotImplementedError(
             "The remote backend holds only the router, not the experts, so it cannot write a full checkpoint. "
             "Bake the router in with the local engine: python -m metis finetune --model CHECKPOINT --save-model DIR")
 
     def route(self, messages: list[Message], mode: str = "auto", threshold: float | None = None,
-              router: dict | None = None) -> RoutingTrace:
+              router: RouterWeights | None = None) -> RoutingTrace:
         _check_supported(GenerationSettings(mode=mode, threshold=threshold))
-        return self.router.route(messages, mode, threshold, router=router)
+        return self.local.route(messages, mode, threshold, router=router)
 
     def stream(self, messages: list[Message], settings: GenerationSettings | None = None,
-               cancel: threading.Event | None = None, router: dict | None = None) -> Iterator[Event]:
+               cancel: threading.Event | None = None, router: RouterWeights | None = None) -> Iterator[Event]:
         """Events of one answer. Stop (closing this generator, or `cancel`) closes the HTTP stream,
         which is how OpenAI-compatible servers learn to stop generating."""
         settings = settings or GenerationSettings()
         _check_supported(settings)
         cancel = cancel or threading.Event()
         start = time.perf_counter()
-        trace = self.router.route(messages, settings.mode, settings.threshold, router=router)
+        trace = self.local.route(messages, settings.mode, settings.threshold, router=router)
         yield Routed(trace)
         answer = _Answer(start)
         name = trace.decision

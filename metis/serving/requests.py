@@ -64,9 +64,9 @@ class BatchLimits:
     max_kv_tokens: int | None = None
 
     def __post_init__(self):
-        if self.max_batch < 1 or self.max_batch_tokens < 1 or (self.max_kv_tokens is not None and self.max_kv_tokens < 1):
-            raise ValueError(f"batch limits must be positive, got {self.max_batch} rows, {self.max_batch_tokens} tokens, "
-                             f"{self.max_kv_tokens} KV-cache tokens")
+        if min(self.max_batch, self.max_batch_tokens, self.max_kv_tokens or 1) < 1:
+            raise ValueError(f"batch limits must be positive, got {self.max_batch} rows, {self.max_batch_tokens} "
+                             f"tokens, {self.max_kv_tokens} KV-cache tokens")
 
     def kv_fits(self, rows: int, length: int) -> bool:
         """Whether `rows` rows, each `length` positions long, fit the KV-cache budget."""

@@ -30,7 +30,7 @@ from metis.finetune.data import Example
 from metis.finetune.export import apply_router
 from metis.finetune.features import Features, extract_features
 from metis.finetune.trainer import RouterTrainer, TrainSettings
-from metis.routing import expert_index
+from metis.routing import RouterWeights, expert_index
 from metis.tiny import corpus, world
 from metis.tiny.data import picture
 
@@ -107,7 +107,7 @@ def agreement(m: torch.Tensor, labels: torch.Tensor, sources: list[str]) -> dict
     return out
 
 
-def stacked(router: dict[str, torch.Tensor]) -> torch.Tensor:
+def stacked(router: RouterWeights) -> torch.Tensor:
     return torch.stack([w.float() for w in router.values()])
 
 
@@ -116,7 +116,7 @@ class Candidate:
     """A router the stage may keep: its mean val agreement, its gates, and how it was made."""
 
     agreement: float
-    router: dict[str, torch.Tensor]
+    router: RouterWeights
     choice: dict  # {"lr": ..., "mix": ...}; lr None is the router it started from
 
 
@@ -130,7 +130,7 @@ def train_candidates(train: Features, val: Features, val_sources: list[str], dea
     labels = val.targets == think
     current = {k: w.float() for k, w in train.router.items()}
 
-    def score(router: dict[str, torch.Tensor]) -> dict:
+    def score(router: RouterWeights) -> dict:
         return agreement(margins(val, stacked(router), think), labels, val_sources)
 
     floor = score(current)
