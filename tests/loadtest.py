@@ -89,12 +89,14 @@ def ask(http: httpx.Client, q: dict) -> tuple[float | None, list]:
     return first, data[0]
 
 
-def session(url: str, qs: list[dict], timeout: float) -> list[dict]:
+def session(url: str, qs: list[dict], timeout: float, user: int = 0) -> list[dict]:
     """One user asking `qs` in turn. Plain HTTP (httpx) rather than gradio_client: the sessions
     share this machine's cores with the app, and gradio_client spent about as much CPU per request
-    as the server did, so the load generator measured itself."""
+    as the server did, so the load generator measured itself. Each user comes from an address of
+    its own, as a proxy reports it (the app limits requests per address, metis/ui/gate.py)."""
     results = []
-    with httpx.Client(base_url=url.rstrip("/") + "/gradio_api", timeout=timeout) as http:
+    address = {"X-Forwarded-For": f"198.51.100.{user % 250 + 1}"}  # documentation range (RFC 5737)
+    with httpx.Client(base_url=url.rstrip("/") + "/gradio_api", timeout=timeout, headers=address) as http:
         for q in qs:
             start = time.perf_counter()
             record = dict(question=q["text"], expected=q["expected"])
@@ -114,7 +116,7 @@ def run(url: str, engine: Engine, sessions: int, turns: int, timeout: float = 12
         reference_answers(engine, qs)
         start = time.perf_counter()
         with ThreadPoolExecutor(sessions) as pool:
-            per_session = list(pool.map(lambda i: session(url, qs[i * turns:(i + 1) * turns], timeout),
+            per_session = list(pool.map(lambda i: session(url, qs[i * turns:(i + 1) * turns], timeout, i),
                                         range(sessions)))
         wall = time.perf_counter() - start
     records = [r for rs in per_session for r in rs]
