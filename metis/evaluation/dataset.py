@@ -23,9 +23,10 @@ from pathlib import Path
 from ..finetune.data import (
     PROMPT,
     DataFiles,
-    DatasetError,
+    DatasetError,  # noqa: F401  (the evaluation's callers catch it from here)
     UploadBudget,
     check_images,
+    checked_rows,
     read_rows,
     unpack_upload,
     within_budget,
@@ -118,18 +119,7 @@ def _question(record: dict, number: int, root: Path, seen: dict) -> tuple[Questi
 def load_questions(path: str | Path) -> list[Question]:
     """Parse and check a .jsonl dataset; raises one DatasetError listing every problem."""
     path, rows = read_rows(path, EVAL_DATA)
-    questions, problems, seen = [], [], {}
-    for number, record in rows:
-        if isinstance(record, str):
-            problems.append(f"line {number}: {record}")
-            continue
-        question, found = _question(record, number, path.parent, seen)
-        problems += [f"line {number}: {p}" for p in found]
-        if question:
-            questions.append(question)
-    if problems:
-        raise DatasetError(problems)
-    return questions
+    return checked_rows(rows, lambda record, number, seen: _question(record, number, path.parent, seen))
 
 
 def load_upload(files: list[str | Path], folder: str | Path) -> list[Question]:

@@ -165,21 +165,27 @@ def read_rows(path: str | Path, files: DataFiles = ROUTER_DATA) -> tuple[Path, l
     return path, rows
 
 
+def checked_rows(rows, check) -> list:
+    """What `check(record, line number, seen)` makes of each parsed row, `(item, problems)`; raises
+    one DatasetError listing every problem of every line (`seen` spans the file, for duplicates)."""
+    items, problems, seen = [], [], {}
+    for number, record in rows:
+        if isinstance(record, str):  # the row did not parse: read_rows says why
+            problems.append(f"line {number}: {record}")
+            continue
+        item, found = check(record, number, seen)
+        problems += [f"line {number}: {p}" for p in found]
+        if item:
+            items.append(item)
+    if problems:
+        raise DatasetError(problems)
+    return items
+
+
 def load_dataset(path: str | Path) -> list[Example]:
     """Parse and validate a .jsonl or .csv dataset; raises one DatasetError listing every problem."""
     path, rows = read_rows(path)
-    examples, problems, seen = [], [], {}
-    for number, record in rows:
-        if isinstance(record, str):
-            problems.append(f"line {number}: {record}")
-            continue
-        example, found = _check_record(record, number, path.parent, seen)
-        problems += [f"line {number}: {p}" for p in found]
-        if example:
-            examples.append(example)
-    if problems:
-        raise DatasetError(problems)
-    return examples
+    return checked_rows(rows, lambda record, number, seen: _check_record(record, number, path.parent, seen))
 
 
 def dataset_hash(examples: list[Example]) -> str:
