@@ -284,7 +284,8 @@ def test_app_takes_max_batch_from_its_flag_and_the_other_limits_from_the_environ
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     limits = json.loads(out.stdout.strip().splitlines()[-1])
-    assert limits == {"max_batch": 3, "max_batch_tokens": 999, "max_kv_tokens": None}
+    assert limits == {"max_batch": 3, "max_batch_tokens": 999, "max_kv_tokens": None, "join_ratio": 1.0,
+                      "join_wait_steps": 4}
 
 
 

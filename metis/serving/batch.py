@@ -18,6 +18,7 @@ alone.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -111,9 +112,12 @@ class RunningBatch:
 
     FLUSH_S = 0.01  # hand tokens to consumers at most this often: one handoff per token cost ~7%
 
-    def __init__(self, model, rules: StopRules, pad_id: int, max_seconds: float, new_routing, new_budget):
+    def __init__(self, model, rules: StopRules, pad_id: int, max_seconds: float,
+                 new_routing: Callable[[torch.Tensor, list[Row]], Routing],
+                 new_budget: Callable[[GenerationSettings], ThinkingBudget | None]):
         self.model, self.rules, self.pad_id, self.max_seconds = model, rules, pad_id, max_seconds
-        self.new_routing, self.new_budget = new_routing, new_budget  # from the engine: per-call objects
+        # from the engine: a prefill's routing (prompt mask, rows) and a row's thinking budget
+        self.new_routing, self.new_budget = new_routing, new_budget
         self.live: list[Live] = []
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [rows, cache length]: 0 where a row has no token
@@ -186,7 +190,8 @@ class RunningBatch:
         self.mask = F.pad(self.mask, (0, 1), value=1)
         positions = torch.tensor([lv.position for lv in self.live], device=self.mask.device).view(1, rows, 1)
         gates = [lv.row.gates for lv in self.live]
-        routing = Routing(mode=self.key == "token" and "token" or "auto", gates=gates if any(gates) else None,
+        mode = "token" if self.key == "token" else "auto"  # auto: the decided expert of each row
+        routing = Routing(mode=mode, gates=gates if any(g is not None for g in gates) else None,
                           record=RoutingRecord(decided=True, expert_ids=[lv.expert for lv in self.live]))
         logits = self.model(input_ids=self.last.view(rows, 1), attention_mask=self.mask,
                             position_ids=positions.expand(3, rows, 1), cache=self.cache, routing=routing,

@@ -62,6 +62,13 @@ class BatchLimits:
     # since a padded batch keeps every row as long as its longest. None: unbounded (CPU, unless
     # set); on CUDA the engine sets it from the free memory (engine.kv_token_budget).
     max_kv_tokens: int | None = None
+    # While answers decode, newcomers join once they are at least `join_ratio` x the running rows,
+    # or the oldest has waited `join_wait_steps` steps (TGI's waiting_served_ratio and
+    # max_waiting_tokens): each joining prefill stops every running row, and on a CPU one row's
+    # image prefill costs ~2.3x its share of a shared one, so one newcomer at a time made the load
+    # test's slowest answers later (BENCHMARKS.md). An idle model starts a request at once.
+    join_ratio: float = 1.0
+    join_wait_steps: int = 4
 
     def __post_init__(self):
         if min(self.max_batch, self.max_batch_tokens, self.max_kv_tokens or 1) < 1:

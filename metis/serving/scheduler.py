@@ -105,6 +105,7 @@ class Scheduler:
         self.batches = 0  # prefills run so far (each adds the rows that joined together)
         self._sizes: deque[int] = deque(maxlen=10_000)  # the latest prefills' row counts, bounded
         self.steps = self.step_rows = 0  # decode steps run, and rows summed over them (occupancy)
+        self._since: dict[Row, int] = {}  # each waiting row: the step count when it came
 
     def sizes_since(self, mark: int) -> list[int]:
         """Row counts of the prefills run since `batches` was `mark` (tests and benchmarks)."""
@@ -113,6 +114,7 @@ class Scheduler:
     def submit(self, row: Row) -> None:
         with self._cond:
             self._waiting.append(row)
+            self._since[row] = self.steps
             self._cond.notify_all()
             if not self._working:
                 self._working = True
@@ -181,7 +183,12 @@ class Scheduler:
         """The waiting rows that join `batch` now, oldest first (see the module docstring)."""
         for row in [r for r in self._waiting if r.cancel.is_set()]:  # stopped before it started
             self._waiting.remove(row)
+            self._since.pop(row, None)
             row.end(RowEnd("cancelled"))
+        if len(batch) and self._waiting:  # newcomers join in groups (BatchLimits.join_ratio)
+            waited = self.steps - self._since.get(self._waiting[0], self.steps)
+            if len(self._waiting) < self.limits.join_ratio * len(batch) and waited < self.limits.join_wait_steps:
+                return []
         key, room = batch.key, min(cap, self.limits.max_batch) - len(batch)
         length, answer = batch.length, batch.remaining()
         joining, longest = [], 0
@@ -196,6 +203,7 @@ class Scheduler:
                 joining.append(row)
                 longest, answer = wider, max(answer, row.settings.max_new_tokens)
                 self._waiting.remove(row)
+                self._since.pop(row, None)
         return joining
 
 
