@@ -21,9 +21,9 @@ if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):
     import spaces  # noqa: F401
 
 from metis.serving.engine import Engine
-from metis.serving.scheduler import BatchLimits
+from metis.settings import Settings
 from metis.ui import CSS, THEME, build_demo
-from metis.ui.gate import PublicLimits, serve
+from metis.ui.gate import serve
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
 log = logging.getLogger("metis.app")
@@ -32,21 +32,22 @@ log = logging.getLogger("metis.app")
 SESSION_CAPACITY = 2000
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(settings: Settings, argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags, defaulting to the environment's `settings` (metis/settings.py)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=os.environ.get("METIS_MODEL"),
+    parser.add_argument("--model", default=settings.model,
                         help="checkpoint folder or Hub id (env METIS_MODEL; default: the embedded tiny model)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--max-batch", type=int, default=int(os.environ.get("METIS_MAX_BATCH", BatchLimits.max_batch)),
+    parser.add_argument("--max-batch", type=int, default=settings.batch.max_batch,
                         help="answers decoded together on the local model; 1 answers one at a time, "
                              "lower bounds memory (env METIS_MAX_BATCH; default 16, measured in BENCHMARKS.md)")
     remote = parser.add_argument_group("remote backend", "route here, answer from two OpenAI-compatible servers")
-    remote.add_argument("--router", default=os.environ.get("METIS_ROUTER"),
+    remote.add_argument("--router", default=settings.router,
                         help="router folder written by `python -m metis export-experts` (env METIS_ROUTER)")
-    remote.add_argument("--think-url", default=os.environ.get("METIS_THINK_URL"),
+    remote.add_argument("--think-url", default=settings.think_url,
                         help="thinking expert's server, e.g. http://127.0.0.1:8001/v1 (env METIS_THINK_URL)")
-    remote.add_argument("--direct-url", default=os.environ.get("METIS_DIRECT_URL"),
+    remote.add_argument("--direct-url", default=settings.direct_url,
                         help="direct expert's server (env METIS_DIRECT_URL)")
     # known args only: Spaces and `gradio app.py` reload mode may pass their own
     return parser.parse_known_args(argv)[0]
@@ -56,7 +57,7 @@ def uses_remote(args: argparse.Namespace) -> bool:
     return bool(args.router or args.think_url or args.direct_url)
 
 
-def load_engine(args: argparse.Namespace):
+def load_engine(args: argparse.Namespace, settings: Settings):
     """The engine (local, or remote with --router/--think-url/--direct-url), or the exception that
     stopped it (logged once here, shown in the UI)."""
     try:
@@ -64,16 +65,18 @@ def load_engine(args: argparse.Namespace):
             from metis.serving.remote import RemoteEngine
 
             return RemoteEngine.load(args.router, args.think_url, args.direct_url)
-        return Engine.load(args.model, batch=replace(BatchLimits.from_env(), max_batch=args.max_batch))
+        options = settings.engine_options() | {"batch": replace(settings.batch, max_batch=args.max_batch)}
+        return Engine.load(args.model, **options)
     except Exception as exc:
         log.error("could not load %r: %s: %s", args.router or args.model or "embedded", type(exc).__name__, exc)
         return exc
 
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-args = parse_args()
-engine = load_engine(args)
-public = PublicLimits.from_env()
+settings = Settings.from_env()  # every METIS_* variable, read here once
+args = parse_args(settings)
+engine = load_engine(args, settings)
+public = settings.public
 demo = build_demo(engine, finetune=public.finetune)
 # as many answers in flight as the backend serves at once (the local engine: one batch); later
 # ones see their place in Gradio's queue, a few per client and a bounded number in all

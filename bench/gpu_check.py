@@ -8,6 +8,7 @@ or `bash deploy/gpu_check.sh` with the wheels carried in), under 8 minutes on on
 4. A real CUDA out-of-memory error in one step of a 4-row batch: every answer equals its solo one,
    and the memory comes back.
 5. A prefill with the model split across cuda:0 and the CPU (accelerate's hooks, one GPU).
+6. A newcomer joining 8 running answers: its first token against alone (bench/join.py).
 
 Each part records its error instead of stopping the run. `--device cpu` rehearses the script on
 the small rehearsal config (the CPU stands in for both devices), which is how it was checked here.
@@ -139,6 +140,19 @@ def out_of_memory(engine: Engine, new_tokens: int, cuda: bool) -> dict:
             "allocated_after_minus_before_gib": round((torch.cuda.memory_allocated() - before) / GIB, 3) if cuda else 0}
 
 
+def join_case(engine: Engine, new_tokens: int) -> dict:
+    """bench/join.py's measurement on this engine: 8 answers run, a short question arrives."""
+    from .common import fixed_length
+    from .join import newcomer_wait
+
+    with fixed_length(engine.model, new_tokens):
+        alone = newcomer_wait(engine, 0, new_tokens, after=0)["ttft_s"]
+        joined = newcomer_wait(engine, 8, new_tokens, after=8)
+    return {"ttft_alone_ms": round(alone * 1e3, 1), "ttft_joined_ms": round(joined["ttft_s"] * 1e3, 1),
+            "ttft_ratio": round(joined["ttft_s"] / alone, 2),
+            "batch_tokens_per_s_before": round(joined["before_tokens_per_s"], 1)}
+
+
 def split_prefill(device: str) -> dict:
     config = MetisHomeConfig.from_dict(rehearsal_config())
     layers = config.text_config.num_hidden_layers
@@ -179,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     _part(results, "modes", lambda: modes(engine, args.new_tokens))
     _part(results, "sweep", lambda: sweep(engine, args.new_tokens, cuda))
     _part(results, "out_of_memory", lambda: out_of_memory(engine, args.new_tokens, cuda))
+    _part(results, "join", lambda: join_case(engine, args.new_tokens))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

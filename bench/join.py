@@ -61,7 +61,7 @@ def newcomer_wait(engine: Engine, rows: int, new_tokens: int, after: int) -> dic
     running = [_Timed(engine, q, long) for q in questions[:rows]]
     for r in running:
         r.thread.start()
-    while min(len(r.times) for r in running) < after:
+    while running and min(len(r.times) for r in running) < after:
         time.sleep(0.001)
     joined = time.perf_counter()
     newcomer = _Timed(engine, questions[rows], short)
@@ -69,7 +69,7 @@ def newcomer_wait(engine: Engine, rows: int, new_tokens: int, after: int) -> dic
     newcomer.thread.join()
     for r in running:
         r.thread.join()
-    steady = max(r.times[0] for r in running)  # every running row past its prefill
+    steady = max((r.times[0] for r in running), default=joined)  # every running row past its prefill
     return {"ttft_s": newcomer.ttft(), "answers": [collect(r.events) for r in running] + [collect(newcomer.events)],
             "before_tokens_per_s": _rate(running, steady, joined),
             "during_tokens_per_s": _rate(running, joined, newcomer.times[-1])}

@@ -14,6 +14,7 @@ from .loading import ROOT
 from .prompting import Message
 from .routing import MODES
 from .serving.engine import Engine, GenerationSettings
+from .settings import Settings
 from .streaming import AnswerDelta, Done, Failed, ReasoningDelta, Routed
 
 PUBLISHED_CONFIG = ROOT / "assets" / "reference" / "metis-home-config.json"
@@ -26,7 +27,9 @@ def _messages(args) -> list[Message]:
 
 
 def _engine(args) -> Engine:
-    return Engine.load(args.model, allow_pickle=getattr(args, "allow_pickle", False))
+    """The command line is an edge too: the server's METIS_* settings apply (metis/settings.py)."""
+    options = Settings.from_env().engine_options()
+    return Engine.load(args.model, allow_pickle=getattr(args, "allow_pickle", False), **options)
 
 
 def chat(args) -> int:
@@ -102,7 +105,7 @@ def finetune(args) -> int:
     from .finetune.cli import main
     from .serving.engine import Engine
 
-    return main(args, Engine.load)
+    return main(args, lambda model, **kwargs: Engine.load(model, **Settings.from_env().engine_options(), **kwargs))
 
 
 DEFAULTS = GenerationSettings()  # the CLI's defaults are the API's and the app's

@@ -8,7 +8,6 @@ one answer may hold the model slot.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
@@ -25,13 +24,6 @@ class RequestLimits:
     def __post_init__(self):
         if self.overflow not in ("refuse", "trim"):
             raise ValueError(f"overflow must be refuse or trim, got {self.overflow!r}")
-
-    @classmethod
-    def from_env(cls) -> RequestLimits:
-        """METIS_MAX_PROMPT_TOKENS, METIS_PROMPT_OVERFLOW, METIS_MAX_SECONDS (server settings)."""
-        env = os.environ.get
-        return cls(int(env("METIS_MAX_PROMPT_TOKENS", cls.max_prompt_tokens)),
-                   env("METIS_PROMPT_OVERFLOW", cls.overflow), float(env("METIS_MAX_SECONDS", cls.max_seconds)))
 
 
 def image_tokens(prompts: PromptBuilder, width: int, height: int) -> int:

@@ -261,18 +261,16 @@ def placement(config: MetisHomeConfig, device: str, dtype: torch.dtype, offload:
 
 def load(spec: str | None = None, device: str | None = None, dtype: str | None = None,
          attn_implementation: str | None = None, allow_pickle: bool = False, cpu_threads: int | None = None,
-         offload: bool | None = None, allow_cpu: bool | None = None) -> LoadedModel:
+         offload: bool = False, allow_cpu: bool = False) -> LoadedModel:
     """The checkpoint, ready for `Engine`.
 
     `device`: "cuda" spreads the model over every visible GPU, "cuda:N" puts it on that one.
-    `offload` (default: env METIS_OFFLOAD=1) lets a model larger than the GPUs spill to CPU/disk;
-    `allow_cpu` (default: env METIS_ALLOW_CPU=1) lets a model over CPU_MAX_PARAMS run on CPU.
+    `offload` (METIS_OFFLOAD=1, metis/settings.py) lets a model larger than the GPUs spill to
+    CPU/disk; `allow_cpu` (METIS_ALLOW_CPU=1) lets a model over CPU_MAX_PARAMS run on CPU.
     On CPU this sets torch's intra-op threads for the process (`pick_cpu_threads`)."""
     if zero_gpu() and "spaces" not in sys.modules:
         raise RuntimeError("SPACES_ZERO_GPU is set but `spaces` was not imported before the model loaded: "
                            "import spaces first (app.py does), before torch touches CUDA")
-    offload = os.environ.get("METIS_OFFLOAD") == "1" if offload is None else offload
-    allow_cpu = os.environ.get("METIS_ALLOW_CPU") == "1" if allow_cpu is None else allow_cpu
     path = resolve_checkpoint(spec, allow_pickle)
     config = MetisHomeConfig.from_pretrained(path)
     shapes = checkpoint_shapes(path, allow_pickle)

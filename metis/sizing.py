@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -136,11 +135,11 @@ def model_size(spec: str | Path) -> ModelSize:
     return size_from_shapes(config, shapes) if shapes else size_from_config(config)
 
 
-def decode_tokens_per_s(info) -> float:
-    """Measured (METIS_DECODE_TOKENS_PER_S) or estimated decode rate of a loaded model on a ZeroGPU
-    H200, from its active bf16 weights (`info`: loading.ModelInfo)."""
-    if measured := os.environ.get("METIS_DECODE_TOKENS_PER_S"):
-        return float(measured)
+def decode_tokens_per_s(info, measured: float | None = None) -> float:
+    """The `measured` decode rate (METIS_DECODE_TOKENS_PER_S, metis/settings.py), or one estimated
+    for a ZeroGPU slice from the loaded model's active bf16 weights (`info`: loading.ModelInfo)."""
+    if measured:
+        return measured
     active = info.params_total - (info.num_experts - 1) * info.params_per_expert
     return ZEROGPU_BANDWIDTH * GENERATE_EFFICIENCY / (active * BF16)
 

@@ -31,8 +31,9 @@ def _backend(args):
 
         return RemoteEngine.load(args.router, args.think_url, args.direct_url)
     from ..serving.engine import Engine
+    from ..settings import Settings
 
-    return Engine.load(args.model, allow_pickle=args.allow_pickle)
+    return Engine.load(args.model, allow_pickle=args.allow_pickle, **Settings.from_env().engine_options())
 
 
 def _cell(header: str, value) -> str:

@@ -49,7 +49,8 @@ from .tuning import RouterProbe, save_checkpoint
 class Engine:
     available, error = True, None  # serving/interface.py: a loaded engine has no load error
 
-    def __init__(self, loaded: LoadedModel, batch: BatchLimits | None = None):
+    def __init__(self, loaded: LoadedModel, batch: BatchLimits | None = None, limits: RequestLimits | None = None,
+                 decode_tokens_per_s: float | None = None):
         model, tokenizer = loaded.model, loaded.tokenizer
         self.model = model
         self.tokenizer = tokenizer
@@ -70,11 +71,12 @@ class Engine:
         answer_close = tokenizer(ANSWER_CLOSE, add_special_tokens=False)["input_ids"]
         one_token = len(answer_close) == 1
         self.close_ids = tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]
-        self.limits = RequestLimits.from_env()  # prompt tokens and seconds per request (metis/budget.py)
+        self.limits = limits or RequestLimits()  # prompt tokens and seconds per request (metis/budget.py)
+        self.measured_rate = decode_tokens_per_s  # measured decode rate, for ZeroGPU's reservations
         self.stops = StopRules(self.eos_ids, answer_close if one_token else [],
                                None if one_token else StopStringCriteria(tokenizer, [ANSWER_CLOSE]),
                                stop_tail=len(answer_close) + 2)
-        self.batch = kv_token_budget(model, batch or BatchLimits.from_env())
+        self.batch = kv_token_budget(model, batch or BatchLimits())
         self.slot = ModelSlot()
         self.scheduler = Scheduler(self._new_batch, self.batch, self.slot)
         self.gate_names = list(model.router_state_dict())  # one per MoE layer, in layer order
@@ -87,10 +89,14 @@ class Engine:
         return 1 if zero_gpu() else self.batch.max_batch
 
     @classmethod
-    def load(cls, spec: str | None = None, batch: BatchLimits | None = None, **kwargs) -> Engine:
+    def load(cls, spec: str | None = None, batch: BatchLimits | None = None, limits: RequestLimits | None = None,
+             decode_tokens_per_s: float | None = None, **kwargs) -> Engine:
+        """`spec`'s checkpoint (None: loading.load_default); `kwargs` go to loading.load. A server
+        passes its settings here (metis/settings.py, `Settings.engine_options`)."""
         from ..loading import load, load_default
 
-        return cls(load(spec, **kwargs) if spec else load_default(**kwargs), batch=batch)
+        loaded = load(spec, **kwargs) if spec else load_default(**kwargs)
+        return cls(loaded, batch, limits, decode_tokens_per_s)
 
     # -- what the UI shows and fine-tuning uses (serving/interface.py) ---------------------------
     @property
@@ -99,8 +105,9 @@ class Engine:
 
     def describe(self) -> ModelDescription:
         info = self.info
+        rate = decode_tokens_per_s(info, self.measured_rate) if info else None
         return ModelDescription(info.to_dict() if info else {}, getattr(info, "attn_implementation", None),
-                                self.limits, self.batch, decode_tokens_per_s(info) if info else None)
+                                self.limits, self.batch, rate)
 
     def features(self, examples: list[Example], cache_dir: str | Path | None = None) -> Iterator[int | Features]:
         return feature_steps(RouterProbe(self), examples, cache_dir)

@@ -5,7 +5,6 @@ scheduler, the batch and the engine all import it and none imports another for i
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -78,15 +77,6 @@ class BatchLimits:
     def kv_fits(self, rows: int, length: int) -> bool:
         """Whether `rows` rows, each `length` positions long, fit the KV-cache budget."""
         return self.max_kv_tokens is None or rows * length <= self.max_kv_tokens
-
-    @classmethod
-    def from_env(cls) -> BatchLimits:
-        """METIS_MAX_BATCH, METIS_MAX_BATCH_TOKENS and METIS_MAX_KV_TOKENS (server settings;
-        `--max-batch` sets the first)."""
-        env = os.environ.get
-        kv = env("METIS_MAX_KV_TOKENS")
-        return cls(int(env("METIS_MAX_BATCH", cls.max_batch)), int(env("METIS_MAX_BATCH_TOKENS", cls.max_batch_tokens)),
-                   int(kv) if kv else None)
 
 
 @dataclass(frozen=True)

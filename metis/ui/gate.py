@@ -12,36 +12,15 @@ from __future__ import annotations
 
 import copy
 import ipaddress
-import os
-from dataclasses import dataclass
 
 import gradio as gr
 from gradio import route_utils
 
+from ..settings import PublicLimits
 from .values import ValueProblem
 
 # parameters that must be sent even though Gradio reports a default (an empty message asks nothing)
 REQUIRED = frozenset({"message"})
-
-
-@dataclass(frozen=True)
-class PublicLimits:
-    """Bounds for a public deployment, read once by app.py (`from_env`)."""
-
-    per_client: int = 3  # requests one client may have waiting or running at once
-    queue_size: int = 64  # requests waiting, all clients together (Gradio's `max_size`)
-    finetune: bool = True  # the fine-tuning tab; off on a public Space that should not train
-
-    def __post_init__(self):
-        if self.per_client < 1 or self.queue_size < 1:
-            raise ValueError(f"limits must be positive, got {self.per_client} per client, queue of {self.queue_size}")
-
-    @classmethod
-    def from_env(cls) -> PublicLimits:
-        """METIS_CLIENT_REQUESTS, METIS_QUEUE_SIZE and METIS_FINETUNE (0/false/no/off turn it off)."""
-        env = os.environ.get
-        return cls(int(env("METIS_CLIENT_REQUESTS", cls.per_client)), int(env("METIS_QUEUE_SIZE", cls.queue_size)),
-                   env("METIS_FINETUNE", "1").strip().lower() not in ("0", "false", "no", "off"))
 
 
 def client_of(request) -> str:
