@@ -152,11 +152,13 @@ def test_only_per_token_routing_runs_in_a_batch_of_its_own(engine):
     assert collect(results[1]).answer == collect(results[3]).answer == alone
 
 
-class _Batch:
-    """A stand-in running batch: every row joins, then ends after one step."""
+class _Running:
+    """A stand-in running batch whose rows each end after `steps` decode steps; it records the
+    scheduler's step count and the prompt lengths at every join."""
 
-    def __init__(self, joined):
-        self.joined, self.live = joined, []
+    def __init__(self, scheduler_steps, joins, first_step=lambda: None, steps=20):
+        self.now, self.joins, self.steps, self.live = scheduler_steps, joins, steps, {}
+        self.first_step = first_step  # runs before the first step: the test lines up its turn
         self.key, self.length = None, 0
 
     def __len__(self):
@@ -166,19 +168,22 @@ class _Batch:
         return 0
 
     def join(self, rows):
-        self.joined.append([r.prompt_tokens for r in rows])
-        self.live = rows
+        self.joins.append((self.now(), [r.prompt_tokens for r in rows]))
+        self.live.update({row: self.steps for row in rows})
 
     def step(self):
-        for row in self.live:
-            row.end(RowEnd("eos"))
-        self.live = []
+        self.first_step()
+        self.first_step = lambda: None
+        self.live = {row: left - 1 for row, left in self.live.items()}
+        for row in [r for r, left in self.live.items() if left == 0]:
+            row.end(RowEnd("max_new_tokens"))
+            del self.live[row]
 
 
 def test_batch_limits_bound_rows_and_padded_tokens():
     slot = ModelSlot()
     joined = []
-    scheduler = Scheduler(lambda: _Batch(joined), BatchLimits(3, 100), slot)
+    scheduler = Scheduler(lambda: _Running(lambda: 0, joined, steps=1), BatchLimits(3, 100), slot)
 
     def row(n):
         return Row({"input_ids": torch.zeros(1, n, dtype=torch.long)}, GenerationSettings())
@@ -188,7 +193,7 @@ def test_batch_limits_bound_rows_and_padded_tokens():
             scheduler.submit(row(n))
     assert scheduler.idle(timeout=30)
     # 3 rows at most; rows x longest prompt <= 100, so the 60-token prompt joins on its own
-    assert joined == [[10, 20, 10], [10, 10], [60]]
+    assert [lengths for _, lengths in joined] == [[10, 20, 10], [10, 10], [60]]
 
 
 def test_routing_runs_between_the_steps_of_a_running_batch(engine):

@@ -10,12 +10,12 @@ import threading
 
 import pytest
 import torch
-from test_batching import MIXED, _messages, _wait_for
+from test_batching import MIXED, _messages, _Running, _wait_for
 
 from bench.common import fixed_length
 from metis.serving.engine import GenerationSettings
 from metis.serving.interface import collect
-from metis.serving.requests import BatchLimits, Row, RowEnd
+from metis.serving.requests import BatchLimits, Row
 from metis.serving.scheduler import ModelSlot, Scheduler
 from metis.streaming import Done
 
@@ -88,34 +88,6 @@ def test_a_row_that_ends_leaves_and_the_rest_go_on(engine):
     assert [(g.reasoning, g.answer) for g in got] == [(a.reasoning, a.answer) for a in alone]
 
 
-class _Running:
-    """A stand-in running batch whose rows each end after `steps` decode steps; it records the
-    scheduler's step count at every join."""
-
-    def __init__(self, scheduler_steps, joins, first_step, steps=20):
-        self.now, self.joins, self.steps, self.live = scheduler_steps, joins, steps, {}
-        self.first_step = first_step  # runs before the first step: the test lines up its turn
-        self.key, self.length = None, 0
-
-    def __len__(self):
-        return len(self.live)
-
-    def remaining(self):
-        return 0
-
-    def join(self, rows):
-        self.joins.append((self.now(), len(rows)))
-        self.live.update({row: self.steps for row in rows})
-
-    def step(self):
-        self.first_step()
-        self.first_step = lambda: None
-        self.live = {row: left - 1 for row, left in self.live.items()}
-        for row in [r for r, left in self.live.items() if left == 0]:
-            row.end(RowEnd("max_new_tokens"))
-            del self.live[row]
-
-
 @pytest.mark.parametrize("newcomers, joins_at_step", [(1, 1 + 4), (4, 1)])
 def test_newcomers_join_in_groups_or_after_a_few_steps(newcomers, joins_at_step):
     """Beside 4 running rows, 4 newcomers join at the next step, while a lone one waits
@@ -135,4 +107,4 @@ def test_newcomers_join_in_groups_or_after_a_few_steps(newcomers, joins_at_step)
         for _ in range(newcomers):
             scheduler.submit(row())
     assert scheduler.idle(timeout=30)
-    assert joins == [(0, 4), (joins_at_step, newcomers)]
+    assert joins == [(0, [5] * 4), (joins_at_step, [5] * newcomers)]
