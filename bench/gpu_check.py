@@ -32,9 +32,10 @@ from metis.modeling import MetisHomeForConditionalGeneration
 from metis.prompting import Message
 from metis.qwen_vocab import build_qwen_tokenizer
 from metis.rehearsal import PREPROCESSOR, rehearsal_config
-from metis.serving.engine import Engine, GenerationSettings, kv_bytes_per_token
+from metis.serving.engine import Engine, GenerationSettings
 from metis.serving.interface import collect
 from metis.serving.scheduler import BatchLimits
+from metis.sizing import kv_bytes_per_token
 
 from .common import start_in_one_batch
 from .gpu import copy_bandwidth, decode_bytes, full_config
@@ -104,7 +105,9 @@ def sweep(engine: Engine, new_tokens: int, cuda: bool) -> dict:
         out[str(rows)] = {"tokens_per_s": round(tokens / seconds, 1), "errors": errors}
         if rows == 8:  # the admission estimate: rows x (longest prompt + longest answer) x KV bytes
             prompt = max(engine.prompts.build(_messages(i))["input_ids"].shape[1] for i in range(rows))
-            estimate = rows * (prompt + new_tokens) * kv_bytes_per_token(engine.model)
+            model = engine.model
+            per_token = kv_bytes_per_token(model.config.get_text_config(), model.dtype.itemsize)
+            estimate = rows * (prompt + new_tokens) * per_token
             peak = (torch.cuda.max_memory_allocated() - before) if cuda else None
             out["admission"] = {"kv_estimate_gib": round(estimate / GIB, 3),
                                 "peak_above_weights_gib": None if peak is None else round(peak / GIB, 3)}

@@ -29,7 +29,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from .configuration import MetisHomeConfig
 from .modeling import LEGACY_RENAMES, MetisHomeForConditionalGeneration
 from .prompting import PromptConfig
-from .sizing import GIB, RUNTIME_RESERVE_GIB, size_from_config, tensor_shapes
+from .sizing import GIB, RUNTIME_RESERVE_GIB, kv_bytes_per_token, size_from_config, tensor_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)
@@ -211,13 +211,12 @@ def gpu_device_map(config: MetisHomeConfig, dtype: torch.dtype, device: str = "c
     offloaded = sorted(name for name, d in device_map.items() if d in ("cpu", "disk"))
     if offloaded:
         gib = 2**30
-        text = config.text_config
-        kv = 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
+        kv = kv_bytes_per_token(config.text_config, dtype.itemsize)
         gpus = ", ".join(f"GPU {k}: {v / gib:.1f} GiB" for k, v in budget.items() if isinstance(k, int)) or "none"
         raise NotEnoughGPUMemory(
             f"the model does not fit the GPU memory: its {str(dtype).removeprefix('torch.')} weights need "
             f"{compute_module_sizes(skeleton)[''] / gib:.1f} GiB, plus the KV cache "
-            f"({kv * dtype.itemsize * 1000 / 2**20:.0f} MiB per 1k tokens) and activations; usable for weights: "
+            f"({kv * 1000 / 2**20:.0f} MiB per 1k tokens) and activations; usable for weights: "
             f"{gpus}. {len(offloaded)} module(s) would run from CPU/disk ({', '.join(offloaded[:3])}"
             f"{' …' if len(offloaded) > 3 else ''}), copying their weights over PCIe on every token. "
             "Use a larger GPU or more GPUs, or set METIS_OFFLOAD=1 to accept the offload (slow; "

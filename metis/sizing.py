@@ -76,9 +76,11 @@ class ModelSize:
                 "kv_bytes_per_1k": self.kv_bytes_per_1k}
 
 
-def _kv_bytes_per_token(text) -> int:
+def kv_bytes_per_token(text, itemsize: int = BF16) -> int:
+    """Bytes of keys and values one token adds to the cache over every decoder layer (`text`: a
+    text config), in `itemsize`-byte values."""
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * BF16
+    return text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * itemsize
 
 
 def _meta_params(config: MetisHomeConfig) -> tuple[int, int]:
@@ -98,7 +100,7 @@ def size_from_shapes(config: MetisHomeConfig, shapes: dict[str, tuple[int, ...]]
     experts = {int(m.group(1)) for k in shapes if (m := re.search(r"\.mlp\.experts\.(\d+)\.", k))}
     kv = sum(s[0] for k, s in shapes.items() if re.search(r"self_attn\.[kv]_proj\.weight$", k)) * BF16
     text = config.text_config
-    return ModelSize("tensor shapes", total, expert0, len(experts), kv or _kv_bytes_per_token(text),
+    return ModelSize("tensor shapes", total, expert0, len(experts), kv or kv_bytes_per_token(text),
                      text.max_position_embeddings)
 
 
@@ -110,7 +112,7 @@ def size_from_config(config: MetisHomeConfig) -> ModelSize:
     total, per_expert = _meta_params(config)
     source = (f"config, assuming full-width experts ({text.intermediate_size}, copies of the dense FFN) "
               "and no shared expert, as upcycling makes them")
-    return ModelSize(source, total, per_expert, text.num_experts, _kv_bytes_per_token(text),
+    return ModelSize(source, total, per_expert, text.num_experts, kv_bytes_per_token(text),
                      text.max_position_embeddings, literal_config_params=literal)
 
 

@@ -12,10 +12,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from metis import loading
 from metis.modeling import DenseMLP, MetisHomeMoeBlock, masked_mean
 from metis.routing import Routing
-from metis.serving.engine import GenerationSettings, kv_bytes_per_token
+from metis.serving.engine import GenerationSettings
 from metis.serving.interface import collect
 from metis.serving.requests import Row
 from metis.serving.scheduler import BatchLimits
+from metis.sizing import kv_bytes_per_token
 from metis.streaming import Done, Failed
 
 # -- 1. routing data on another GPU than the layer (accelerate moves hidden states, not Routing) ----
@@ -178,7 +179,8 @@ def test_a_cuda_host_budgets_its_free_memory(engine, monkeypatch):
     model = FakeModel()
     model.parameters = lambda: [type("P", (), {"device": torch.device("cuda", i)})() for i in (0, 1)]
     limits = engine_module.kv_token_budget(model, BatchLimits())
-    assert limits.max_kv_tokens == 2 * 7 * 2**30 // kv_bytes_per_token(model)  # 10 GiB free - 3 GiB kept, x2 GPUs
+    per_token = kv_bytes_per_token(model.config.get_text_config(), 2)  # bf16
+    assert limits.max_kv_tokens == 2 * 7 * 2**30 // per_token  # 10 GiB free - 3 GiB kept, x2 GPUs
     assert engine_module.kv_token_budget(model, BatchLimits(max_kv_tokens=5)).max_kv_tokens == 5  # set: kept
 
 

@@ -25,7 +25,7 @@ from ..finetune.features import Features, feature_steps
 from ..loading import LoadedModel, zero_gpu
 from ..prompting import Message, PromptBuilder
 from ..routing import RouterWeights, RoutingTrace
-from ..sizing import RUNTIME_RESERVE_GIB, decode_tokens_per_s
+from ..sizing import RUNTIME_RESERVE_GIB, decode_tokens_per_s, kv_bytes_per_token
 from ..streaming import (
     ANSWER_CLOSE,
     THINK_CLOSE,
@@ -237,13 +237,6 @@ class Engine:
         return {k: v.to(self.model.device) for k, v in tensors.items()}
 
 
-def kv_bytes_per_token(model) -> int:
-    """Bytes of keys and values one token adds to the cache, over every decoder layer."""
-    text = model.config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * model.dtype.itemsize
-
-
 def kv_token_budget(model, limits: BatchLimits) -> BatchLimits:
     """`limits` with a KV-cache budget on CUDA when none was set: the GPUs' free memory after
     loading, less RUNTIME_RESERVE_GIB each for activations (sizing.py), in tokens."""
@@ -251,5 +244,6 @@ def kv_token_budget(model, limits: BatchLimits) -> BatchLimits:
         return limits
     gpus = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     free = sum(max(0, torch.cuda.mem_get_info(i)[0] - int(RUNTIME_RESERVE_GIB * 2**30)) for i in gpus)
-    return replace(limits, max_kv_tokens=max(1, free // kv_bytes_per_token(model)))
+    per_token = kv_bytes_per_token(model.config.get_text_config(), model.dtype.itemsize)
+    return replace(limits, max_kv_tokens=max(1, free // per_token))
 
