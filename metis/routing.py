@@ -94,6 +94,8 @@ class Routing:
             raise ValueError(f"unknown routing mode {self.mode!r}; expected one of {', '.join(MODES)}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"routing threshold must be within [0, 1], got {self.threshold}")
+        if self.gates is not None and all(g is None for g in self.gates):  # no row has its own router
+            object.__setattr__(self, "gates", None)
 
     @property
     def query_logits(self) -> torch.Tensor:

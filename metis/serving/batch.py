@@ -189,9 +189,8 @@ class RunningBatch:
         rows = len(self.live)
         self.mask = F.pad(self.mask, (0, 1), value=1)
         positions = torch.tensor([lv.position for lv in self.live], device=self.mask.device).view(1, rows, 1)
-        gates = [lv.row.gates for lv in self.live]
         mode = "token" if self.key == "token" else "auto"  # auto: the decided expert of each row
-        routing = Routing(mode=mode, gates=gates if any(g is not None for g in gates) else None,
+        routing = Routing(mode=mode, gates=[lv.row.gates for lv in self.live],
                           record=RoutingRecord(decided=True, expert_ids=[lv.expert for lv in self.live]))
         logits = self.model(input_ids=self.last.view(rows, 1), attention_mask=self.mask,
                             position_ids=positions.expand(3, rows, 1), cache=self.cache, routing=routing,

@@ -202,7 +202,6 @@ class Engine:
         default = self.model.config.routing_threshold
         rows = tuple((s.mode, default if s.threshold is None else s.threshold) for s in settings)
         token = settings[0].mode == "token"  # the scheduler never mixes token mode with the others
-        gates = gates if any(g is not None for g in gates) else None
         return self.model.new_routing("token" if token else "auto", rows[0][1], prompt_mask=prompt_mask,
                                       rows=None if token else rows, gates=gates)
 
